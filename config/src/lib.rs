@@ -1,0 +1,16 @@
+//! keycard's pure data and logic: no tokio, no sockets.
+//!
+//! - [`identity`]: SPIFFE IDs and trust domains, parsed once at the edge.
+//! - [`svid`]: the X.509-SVID verifier (chain to the trust bundle plus every SPIFFE rule on the leaf).
+//! - [`tls`]: rustls certificate verifiers built on [`svid`], shared by the CA and the sidecar.
+//! - [`pem`]: reading certificates and keys from PEM with errors that name the file.
+
+#![forbid(unsafe_code)]
+
+pub mod identity;
+pub mod pem;
+pub mod svid;
+pub mod tls;
+
+pub use identity::{IdError, K8sIdentity, SpiffeId, TrustDomain};
+pub use svid::{Purpose, SvidError, TrustBundle, VerifiedSvid};
