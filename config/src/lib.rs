@@ -3,10 +3,14 @@
 //! - [`identity`]: SPIFFE IDs and trust domains, parsed once at the edge.
 //! - [`svid`]: the X.509-SVID verifier (chain to the trust bundle plus every SPIFFE rule on the leaf).
 //! - [`tls`]: rustls certificate verifiers built on [`svid`], shared by the CA and the sidecar.
+//! - [`ca_api`]: the CA HTTPS API as data, shared by the CA and its client in the sidecar.
+//! - [`certinfo`]: certificates described for a person (CLI inspect, admin `/certs`).
 //! - [`pem`]: reading certificates and keys from PEM with errors that name the file.
 
 #![forbid(unsafe_code)]
 
+pub mod ca_api;
+pub mod certinfo;
 pub mod identity;
 pub mod pem;
 pub mod svid;

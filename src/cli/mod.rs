@@ -1,0 +1,101 @@
+//! Command-line arguments and dispatch. Each subcommand module turns arguments into calls on the
+//! crates and prints the result, as text or, with `-o json`, as one JSON document.
+
+mod ca;
+mod spiffe;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keycard",
+    version,
+    about = "Zero-trust service-to-service security: SPIFFE CA and mTLS sidecar"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log level filter (tracing syntax, e.g. `info` or `keycard_ca=debug`); KEYCARD_LOG overrides.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The certificate authority: init, issue, token, serve, inspect.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
+    /// SPIFFE IDs and X.509-SVIDs: parse, verify.
+    #[command(subcommand)]
+    Spiffe(spiffe::SpiffeCommand),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Ca(cmd) => ca::run(cmd),
+        Command::Spiffe(cmd) => spiffe::run(cmd),
+    }
+}
+
+pub fn init_logging(args: &LogArgs) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("KEYCARD_LOG").unwrap_or_else(|_| args.log_level.clone());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Parses `24h`, `90m`, `10y` (humantime syntax) into a `time::Duration`.
+pub fn parse_duration(s: &str) -> Result<time::Duration, String> {
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 24h or 30m: {e}"))?;
+    let d = time::Duration::try_from(d).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("a duration must be positive".into());
+    }
+    Ok(d)
+}
+
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `23h 59m`, `12d 3h`, or `expired 5m ago`.
+pub fn human_remaining(seconds: i64) -> String {
+    let (prefix, s) = if seconds < 0 { ("expired ", -seconds) } else { ("", seconds) };
+    let (d, h, m) = (s / 86_400, s % 86_400 / 3_600, s % 3_600 / 60);
+    let body = match (d, h) {
+        (0, 0) => format!("{m}m"),
+        (0, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    };
+    if seconds < 0 { format!("{prefix}{body} ago") } else { format!("in {body}") }
+}
