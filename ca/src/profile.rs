@@ -92,14 +92,19 @@ fn signing(
     issuer_not_after: Option<OffsetDateTime>,
 ) -> Result<CertificateParams, ProfileError> {
     let mut p = CertificateParams::default();
+    let serial = serial()?;
+    // A short tag from the random serial keeps two CAs of one trust domain from sharing a subject,
+    // which would make path building try the wrong issuer (and report a bad signature instead of
+    // an unknown CA), and keeps the roots of a rotation apart.
+    let tag: String = serial.to_bytes().iter().take(3).map(|b| format!("{b:02x}")).collect();
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::OrganizationName, "keycard");
-    p.distinguished_name.push(DnType::CommonName, format!("{common_name} {td}"));
+    p.distinguished_name.push(DnType::CommonName, format!("{common_name} {td} {tag}"));
     p.subject_alt_names = vec![uri(&td.id_uri())?];
     p.is_ca = is_ca;
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     p.use_authority_key_identifier_extension = issuer_not_after.is_some();
-    p.serial_number = Some(serial()?);
+    p.serial_number = Some(serial);
     p.not_before = now - CLOCK_SKEW;
     let not_after = now + lifetime;
     p.not_after = issuer_not_after.map_or(not_after, |limit| not_after.min(limit));

@@ -357,17 +357,17 @@ fn leaf_rule_violations(leaf: &X509Certificate<'_>) -> Vec<SvidError> {
         Ok(None) => out.push(SvidError::KeyUsageMissing),
         Err(e) => out.push(SvidError::Malformed { index: 0, detail: e.to_string() }),
     }
-    if let Ok(Some(eku)) = leaf.extended_key_usage() {
-        if !(eku.value.server_auth && eku.value.client_auth) && !eku.value.any {
-            out.push(SvidError::EkuIncomplete);
-        }
+    if let Ok(Some(eku)) = leaf.extended_key_usage()
+        && !(eku.value.any || eku.value.server_auth && eku.value.client_auth)
+    {
+        out.push(SvidError::EkuIncomplete);
     }
-    if leaf.subject().iter().next().is_none() {
-        if let Ok(Some(san)) = leaf.subject_alternative_name() {
-            if !san.critical {
-                out.push(SvidError::SanNotCritical);
-            }
-        }
+    let subject_empty = leaf.subject().iter().next().is_none();
+    if subject_empty
+        && let Ok(Some(san)) = leaf.subject_alternative_name()
+        && !san.critical
+    {
+        out.push(SvidError::SanNotCritical);
     }
     out
 }

@@ -150,10 +150,10 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         PurposeArg::Server => Purpose::Server,
     };
     let mut report = bundle.inspect(&chain, UnixTime::now(), purpose);
-    if let (Some(want), Some(got)) = (&a.id, &report.id) {
-        if want != got {
-            report.violations.push(SvidError::IdMismatch { expected: want.to_string(), got: got.clone() });
-        }
+    if let (Some(want), Some(got)) = (&a.id, &report.id)
+        && want != got
+    {
+        report.violations.push(SvidError::IdMismatch { expected: want.to_string(), got: got.clone() });
     }
     let out = VerifyReport {
         valid: report.violations.is_empty(),

@@ -69,7 +69,7 @@ fn a_good_leaf_verifies_for_both_purposes() {
     let b = bundle(&root);
     let leaf = sign(&good_leaf(), &root);
     for purpose in [Purpose::Client, Purpose::Server, Purpose::Any] {
-        let svid = b.verify(&[leaf.clone()], UnixTime::now(), purpose).unwrap();
+        let svid = b.verify(std::slice::from_ref(&leaf), UnixTime::now(), purpose).unwrap();
         assert_eq!(svid.id.as_str(), "spiffe://cluster.local/ns/default/sa/productpage");
     }
 }
@@ -154,7 +154,7 @@ fn each_rule_is_named_when_it_fails() {
         let mut params = good_leaf();
         tweak(&mut params, now);
         let leaf = sign(&params, &root);
-        let found = rules(&b, &[leaf.clone()], Purpose::Any);
+        let found = rules(&b, std::slice::from_ref(&leaf), Purpose::Any);
         assert!(found.contains(&want), "want {want}, found {found:?}");
         assert!(b.verify(&[leaf], UnixTime::now(), Purpose::Any).is_err(), "{want} must fail verify");
     }
@@ -185,7 +185,7 @@ fn purpose_is_enforced_through_eku() {
     let mut params = good_leaf();
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let leaf = sign(&params, &root);
-    assert_eq!(rules(&b, &[leaf.clone()], Purpose::Server)[0], "wrong_purpose");
+    assert_eq!(rules(&b, std::slice::from_ref(&leaf), Purpose::Server)[0], "wrong_purpose");
     assert!(!rules(&b, &[leaf], Purpose::Client).contains(&"wrong_purpose"));
 }
 
@@ -218,7 +218,10 @@ fn secure_naming_rejects_an_unexpected_identity() {
 #[test]
 fn bundles_name_their_trust_domain_and_refuse_non_cas() {
     let root = ca("root", "cluster.local");
-    assert_eq!(TrustBundle::trust_domain_of_roots(&[root.cert.clone()]).unwrap().as_str(), "cluster.local");
+    assert_eq!(
+        TrustBundle::trust_domain_of_roots(std::slice::from_ref(&root.cert)).unwrap().as_str(),
+        "cluster.local"
+    );
     let leaf = sign(&good_leaf(), &root);
     let td = TrustDomain::parse("cluster.local").unwrap();
     assert!(matches!(TrustBundle::new(td.clone(), vec![leaf]), Err(BundleError::NotCa { index: 0 })));

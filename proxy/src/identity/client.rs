@@ -25,6 +25,8 @@ pub enum Credential {
     Token(String),
     /// The caller's current SVID, to renew it (mutual TLS).
     Svid { chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static> },
+    /// No credential: enough for the trust bundle, refused for signing.
+    Anonymous,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,13 +93,23 @@ impl CaClient {
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let token = match credential {
             Credential::Token(t) => Some(t.as_str()),
-            Credential::Svid { .. } => None,
+            Credential::Svid { .. } | Credential::Anonymous => None,
         };
         let (status, bytes) = self.request(Method::POST, ca_api::SIGN_PATH, body, token, credential).await?;
         if status != StatusCode::OK {
             return Err(refusal(status, &bytes));
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse(e.to_string()))
+    }
+
+    /// The trust bundle the CA serves (PEM), fetched over the verified channel.
+    pub async fn bundle_pem(&self) -> Result<String, ClientError> {
+        let (status, bytes) =
+            self.request(Method::GET, ca_api::BUNDLE_PATH, Vec::new(), None, &Credential::Anonymous).await?;
+        if status != StatusCode::OK {
+            return Err(refusal(status, &bytes));
+        }
+        String::from_utf8(bytes.to_vec()).map_err(|e| ClientError::BadResponse(e.to_string()))
     }
 
     async fn request(
@@ -152,7 +164,7 @@ impl CaClient {
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match credential {
-            Credential::Token(_) => builder.with_no_client_auth(),
+            Credential::Token(_) | Credential::Anonymous => builder.with_no_client_auth(),
             Credential::Svid { chain, key } => builder
                 .with_client_auth_cert(chain.clone(), key.clone_key())
                 .map_err(ClientError::Credential)?,

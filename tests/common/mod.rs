@@ -1,0 +1,77 @@
+//! Helpers shared by the end-to-end tests: the built binary, a fresh CA on disk, outside tools.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn keycard() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keycard"))
+}
+
+/// Runs `keycard args...`, asserting success; returns stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = keycard().args(args).output().expect("keycard runs");
+    assert!(out.status.success(), "keycard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs `keycard args...`, asserting failure with a one-line reason on stderr; returns that line.
+pub fn fails(args: &[&str]) -> String {
+    let out = keycard().args(args).output().expect("keycard runs");
+    assert!(
+        !out.status.success(),
+        "keycard {args:?} should fail; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    one_line(&out)
+}
+
+pub fn one_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("keycard:")).collect();
+    assert_eq!(lines.len(), 1, "want exactly one reason line on stderr, got: {stderr}");
+    lines[0].to_owned()
+}
+
+/// A CA made by `keycard ca init` in a temporary directory.
+pub struct TempCa {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+}
+
+impl TempCa {
+    pub fn new(td: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("ca");
+        ok(&["ca", "init", "--trust-domain", td, "--dir", path(&dir)]);
+        Self { tmp, dir }
+    }
+
+    pub fn issue(&self, ns: &str, sa: &str, extra: &[&str]) -> PathBuf {
+        let out = self.tmp.path().join("certs").join(sa);
+        let mut args =
+            vec!["ca", "issue", "--dir", path(&self.dir), "--ns", ns, "--sa", sa, "--out", path(&out)];
+        args.extend_from_slice(extra);
+        ok(&args);
+        out
+    }
+
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle.pem")
+    }
+}
+
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Whether an outside tool test may skip when its tool is missing. CI sets
+/// KEYCARD_REQUIRE_OUTSIDE_TOOLS=1, so there a missing tool fails the test instead.
+pub fn skip_or_fail(what: &str) -> bool {
+    if std::env::var_os("KEYCARD_REQUIRE_OUTSIDE_TOOLS").is_some() {
+        panic!("{what} is required (KEYCARD_REQUIRE_OUTSIDE_TOOLS is set) but missing");
+    }
+    eprintln!("SKIPPED: {what} is not installed; run .ci/run or install it to run this test");
+    true
+}
