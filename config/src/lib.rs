@@ -5,6 +5,8 @@
 //! - [`tls`]: rustls certificate verifiers built on [`svid`], shared by the CA and the sidecar.
 //! - [`ca_api`]: the CA HTTPS API as data, shared by the CA and its client in the sidecar.
 //! - [`certinfo`]: certificates described for a person (CLI inspect, admin `/certs`).
+//! - [`policy`]: Istio security YAML loaded with file:line errors; PeerAuthentication resolution and
+//!   the authorization engine.
 //! - [`pem`]: reading certificates and keys from PEM with errors that name the file.
 
 #![forbid(unsafe_code)]
@@ -13,6 +15,7 @@ pub mod ca_api;
 pub mod certinfo;
 pub mod identity;
 pub mod pem;
+pub mod policy;
 pub mod svid;
 pub mod tls;
 

@@ -1,0 +1,418 @@
+//! Istio security policy: loading (multi-document YAML, errors with file, line and field), the
+//! PeerAuthentication resolution and the authorization engine.
+//!
+//! [`PolicySet::load`] reads files and directories into checked, compiled policies;
+//! [`PolicySet::for_workload`] picks what applies to one workload (namespace, root namespace and
+//! `selector.matchLabels`, as Istio does).
+
+pub mod authz;
+pub mod load;
+pub mod model;
+pub mod peerauth;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_saphyr::Spanned;
+
+use self::authz::{Action, AuthzPolicy, Condition, ConditionKey, OperationMatch, Pattern, Rule, SourceMatch};
+pub use self::load::LoadError;
+use self::load::{Object, Resource, spanned_error};
+use self::model::{
+    AuthorizationPolicySpec, ClientTls, ClientTlsMode, DestinationRuleSpec, PeerAuthenticationSpec, S,
+};
+use self::peerauth::{PeerAuth, ResolvedPeerAuth};
+
+/// Istio's default root namespace: its policies apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+/// The annotation that makes an AuthorizationPolicy report without enforcing.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// The TLS settings a DestinationRule gives one host (and optionally one port).
+#[derive(Debug, Clone, Serialize)]
+pub struct DestTls {
+    pub namespace: String,
+    pub name: String,
+    pub host: String,
+    pub port: Option<u16>,
+    pub mode: ClientTlsMode,
+    pub subject_alt_names: Vec<String>,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub sni: Option<String>,
+}
+
+/// Everything loaded from the policy files.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PolicySet {
+    pub peer_auth: Vec<PeerAuth>,
+    pub authz: Vec<AuthzPolicy>,
+    pub dest_tls: Vec<DestTls>,
+    /// Fields accepted but not acted on (traffic management in DestinationRules), with location.
+    pub warnings: Vec<String>,
+    /// The files read, in order.
+    pub files: Vec<PathBuf>,
+}
+
+/// What applies to one workload.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkloadPolicy {
+    pub peer_auth: ResolvedPeerAuth,
+    pub authz: Vec<AuthzPolicy>,
+}
+
+impl WorkloadPolicy {
+    pub fn authz_refs(&self) -> Vec<&AuthzPolicy> {
+        self.authz.iter().collect()
+    }
+}
+
+impl PolicySet {
+    /// Reads every `*.yaml` / `*.yml` file of each path (directories non-recursively, in name
+    /// order). The first error stops the load: a policy set is applied whole or not at all.
+    pub fn load(paths: &[PathBuf]) -> Result<Self, LoadError> {
+        let mut files = Vec::new();
+        for path in paths {
+            if path.is_dir() {
+                let entries = std::fs::read_dir(path).map_err(|e| io_error(path, &e))?;
+                let mut found: Vec<PathBuf> = entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                    .collect();
+                found.sort();
+                files.extend(found);
+            } else {
+                files.push(path.clone());
+            }
+        }
+        let mut set = Self::default();
+        for file in &files {
+            let text = std::fs::read_to_string(file).map_err(|e| io_error(file, &e))?;
+            set.add_text(&text, file)?;
+        }
+        set.files = files;
+        Ok(set)
+    }
+
+    /// Adds the resources of one YAML text; `file` names it in errors.
+    pub fn add_text(&mut self, text: &str, file: &Path) -> Result<(), LoadError> {
+        for resource in load::parse_documents(text, file)? {
+            let order = self.peer_auth.len() + self.authz.len() + self.dest_tls.len();
+            let cx = Cx { file, text };
+            match resource {
+                Resource::PeerAuthentication(o) => self.peer_auth.push(cx.peer_auth(o, order)?),
+                Resource::AuthorizationPolicy(o) => self.authz.push(cx.authz(o)?),
+                Resource::DestinationRule(o) => {
+                    let (tls, warnings) = cx.dest_rule(o)?;
+                    self.dest_tls.extend(tls);
+                    self.warnings.extend(warnings);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The policies that apply to a workload in `namespace` with `labels`.
+    pub fn for_workload(
+        &self,
+        root_ns: &str,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> WorkloadPolicy {
+        let applies = |ns: &str, selector: &Option<BTreeMap<String, String>>| {
+            (ns == namespace || ns == root_ns)
+                && selector.as_ref().is_none_or(|s| peerauth::selects(s, labels))
+        };
+        WorkloadPolicy {
+            peer_auth: ResolvedPeerAuth::resolve(&self.peer_auth, root_ns, namespace, labels),
+            authz: self.authz.iter().filter(|p| applies(&p.namespace, &p.selector)).cloned().collect(),
+        }
+    }
+
+    /// The DestinationRule TLS settings for `host` and `port`: a port-level setting wins over the
+    /// host-wide one. Hosts match exactly or by a leading `*.` wildcard.
+    pub fn dest_tls_for(&self, host: &str, port: u16) -> Option<&DestTls> {
+        let host_matches = |pattern: &str| {
+            pattern == host || pattern.strip_prefix('*').is_some_and(|suffix| host.ends_with(suffix))
+        };
+        let candidates = || self.dest_tls.iter().filter(|d| host_matches(&d.host));
+        candidates().find(|d| d.port == Some(port)).or_else(|| candidates().find(|d| d.port.is_none()))
+    }
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> LoadError {
+    LoadError { file: path.to_owned(), line: 0, column: 0, field: None, message: format!("cannot read: {e}") }
+}
+
+/// Compiles resources of one file, with its text at hand for error lines.
+struct Cx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Cx<'_> {
+    fn err<T>(&self, at: &Spanned<T>, message: impl Into<String>) -> LoadError {
+        spanned_error(self.file, self.text, at, message)
+    }
+
+    fn namespace(&self, md: &model::Metadata) -> String {
+        md.namespace.clone().unwrap_or_else(|| "default".into())
+    }
+
+    fn peer_auth(&self, o: Object<PeerAuthenticationSpec>, order: usize) -> Result<PeerAuth, LoadError> {
+        let selector = o.spec.selector.map(|s| s.match_labels);
+        if let Some(ports) = &o.spec.port_level_mtls
+            && selector.is_none()
+        {
+            return Err(self.err(ports, "portLevelMtls needs a workload selector, as in Istio"));
+        }
+        Ok(PeerAuth {
+            namespace: self.namespace(&o.metadata),
+            name: o.metadata.name.clone(),
+            selector,
+            mode: o.spec.mtls.map(|m| m.mode).unwrap_or_default(),
+            port_modes: o
+                .spec
+                .port_level_mtls
+                .map(|p| p.value.into_iter().map(|(port, m)| (port, m.mode)).collect())
+                .unwrap_or_default(),
+            created: o.metadata.creation_timestamp.as_deref().and_then(parse_timestamp),
+            order,
+        })
+    }
+
+    fn authz(&self, o: Object<AuthorizationPolicySpec>) -> Result<AuthzPolicy, LoadError> {
+        let spec = o.spec;
+        if let Some(t) = spec.target_ref.as_ref().or(spec.target_refs.as_ref()) {
+            return Err(self.err(t, "targetRef is not supported: keycard applies policies by selector"));
+        }
+        if let Some(p) = &spec.provider {
+            return Err(self.err(p, "provider (CUSTOM authorization) is not supported"));
+        }
+        let action = match spec.action.as_ref().map(|a| a.value.as_str()) {
+            None | Some("ALLOW") => Action::Allow,
+            Some("DENY") => Action::Deny,
+            Some("AUDIT") => Action::Audit,
+            Some("CUSTOM") => {
+                let at = spec.action.as_ref().expect("matched Some above");
+                return Err(self.err(at, "action CUSTOM (external authorization) is not supported"));
+            }
+            Some(other) => {
+                let at = spec.action.as_ref().expect("matched Some above");
+                return Err(self.err(at, format!("unknown action `{other}`: expected ALLOW, DENY, AUDIT")));
+            }
+        };
+        let dry_run = match o.metadata.annotations.get(DRY_RUN_ANNOTATION) {
+            None => false,
+            Some(v) if v.value == "false" => false,
+            Some(v) if v.value == "true" => true,
+            Some(v) => {
+                let msg = format!(
+                    "annotation {DRY_RUN_ANNOTATION} must be \"true\" or \"false\", not {:?}",
+                    v.value
+                );
+                return Err(self.err(v, msg));
+            }
+        };
+        let rules = spec.rules.iter().map(|r| self.rule(r)).collect::<Result<Vec<_>, _>>()?;
+        Ok(AuthzPolicy {
+            namespace: self.namespace(&o.metadata),
+            name: o.metadata.name,
+            action,
+            selector: spec.selector.map(|s| s.match_labels),
+            dry_run,
+            rule_count: rules.len(),
+            rules,
+        })
+    }
+
+    fn rule(&self, r: &model::Rule) -> Result<Rule, LoadError> {
+        let from = r
+            .from
+            .iter()
+            .map(|f| {
+                let s = &f.source;
+                Ok(SourceMatch {
+                    principals: self.patterns(&s.principals)?,
+                    not_principals: self.patterns(&s.not_principals)?,
+                    request_principals: self.patterns(&s.request_principals)?,
+                    not_request_principals: self.patterns(&s.not_request_principals)?,
+                    namespaces: self.patterns(&s.namespaces)?,
+                    not_namespaces: self.patterns(&s.not_namespaces)?,
+                    ip_blocks: self.nets(&s.ip_blocks)?,
+                    not_ip_blocks: self.nets(&s.not_ip_blocks)?,
+                    remote_ip_blocks: self.nets(&s.remote_ip_blocks)?,
+                    not_remote_ip_blocks: self.nets(&s.not_remote_ip_blocks)?,
+                })
+            })
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        let to =
+            r.to.iter()
+                .map(|t| {
+                    let o = &t.operation;
+                    Ok(OperationMatch {
+                        hosts: self.patterns(&o.hosts)?,
+                        not_hosts: self.patterns(&o.not_hosts)?,
+                        ports: self.ports(&o.ports)?,
+                        not_ports: self.ports(&o.not_ports)?,
+                        methods: self.patterns(&o.methods)?,
+                        not_methods: self.patterns(&o.not_methods)?,
+                        paths: self.patterns(&o.paths)?,
+                        not_paths: self.patterns(&o.not_paths)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, LoadError>>()?;
+        let when = r.when.iter().map(|c| self.condition(c)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Rule { from, to, when })
+    }
+
+    fn condition(&self, c: &model::Condition) -> Result<Condition, LoadError> {
+        let key = ConditionKey::parse(&c.key.value)
+            .ok_or_else(|| self.err(&c.key, format!("unsupported condition key `{}`", c.key.value)))?;
+        if c.values.is_empty() && c.not_values.is_empty() {
+            return Err(self.err(&c.key, "a condition needs values or notValues"));
+        }
+        let is_ip =
+            matches!(key, ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp);
+        if key == ConditionKey::DestinationPort {
+            self.ports(&c.values)?;
+            self.ports(&c.not_values)?;
+        }
+        let (nets, not_nets) = if is_ip {
+            (self.nets(&c.values)?.unwrap_or_default(), self.nets(&c.not_values)?.unwrap_or_default())
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(Condition {
+            key,
+            values: if is_ip { Vec::new() } else { self.patterns(&c.values)?.unwrap_or_default() },
+            not_values: if is_ip { Vec::new() } else { self.patterns(&c.not_values)?.unwrap_or_default() },
+            nets,
+            not_nets,
+        })
+    }
+
+    /// An empty list is the same as an absent one.
+    fn patterns(&self, values: &[S]) -> Result<Option<Vec<Pattern>>, LoadError> {
+        if values.is_empty() {
+            return Ok(None);
+        }
+        values
+            .iter()
+            .map(|v| Pattern::parse(&v.value).map_err(|m| self.err(v, m)))
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    fn nets(&self, values: &[S]) -> Result<Option<Vec<ipnet::IpNet>>, LoadError> {
+        if values.is_empty() {
+            return Ok(None);
+        }
+        values
+            .iter()
+            .map(|v| {
+                let s = v.value.as_str();
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| self.err(v, format!("{s:?} is not an IP address or CIDR block")))
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    fn ports(&self, values: &[S]) -> Result<Option<Vec<u16>>, LoadError> {
+        if values.is_empty() {
+            return Ok(None);
+        }
+        values
+            .iter()
+            .map(|v| {
+                v.value.parse::<u16>().map_err(|_| self.err(v, format!("{:?} is not a port number", v.value)))
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    fn dest_rule(&self, o: Object<DestinationRuleSpec>) -> Result<(Vec<DestTls>, Vec<String>), LoadError> {
+        let (ns, name) = (self.namespace(&o.metadata), o.metadata.name.clone());
+        let mut warnings = Vec::new();
+        let mut warn = |what: &str, at: &Option<Spanned<serde::de::IgnoredAny>>| {
+            if let Some(at) = at {
+                warnings.push(format!(
+                    "{}:{}: DestinationRule {ns}/{name}: {what} is traffic management, which keycard does not do; ignored",
+                    self.file.display(),
+                    at.referenced.line()
+                ));
+            }
+        };
+        warn("subsets", &o.spec.subsets);
+        let mut out = Vec::new();
+        let Some(tp) = o.spec.traffic_policy else { return Ok((out, warnings)) };
+        warn("connectionPool", &tp.connection_pool);
+        warn("loadBalancer", &tp.load_balancer);
+        warn("outlierDetection", &tp.outlier_detection);
+        let mut push = |tls: &ClientTls, port: Option<u16>| -> Result<(), LoadError> {
+            if let Some(c) = &tls.credential_name {
+                return Err(
+                    self.err(c, "credentialName (Kubernetes secrets) is not supported; use file paths")
+                );
+            }
+            if let Some(skip) = tls.insecure_skip_verify.as_ref().filter(|s| s.value) {
+                return Err(self.err(skip, "insecureSkipVerify: true is not supported"));
+            }
+            let sans = tls
+                .subject_alt_names
+                .iter()
+                .map(|s| {
+                    crate::SpiffeId::parse(&s.value).map(|id| id.to_string()).or_else(|_| {
+                        // Istio also accepts DNS names here; keycard's peers are named by SPIFFE ID.
+                        if tls.mode == ClientTlsMode::IstioMutual {
+                            Err(self.err(s, format!("{:?} is not a SPIFFE ID", s.value)))
+                        } else {
+                            Ok(s.value.clone())
+                        }
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(DestTls {
+                namespace: ns.clone(),
+                name: name.clone(),
+                host: o.spec.host.clone(),
+                port,
+                mode: tls.mode,
+                subject_alt_names: sans,
+                client_certificate: tls.client_certificate.clone(),
+                private_key: tls.private_key.clone(),
+                ca_certificates: tls.ca_certificates.clone(),
+                sni: tls.sni.clone(),
+            });
+            Ok(())
+        };
+        if let Some(tls) = &tp.tls {
+            push(tls, None)?;
+        }
+        for pl in &tp.port_level_settings {
+            if let Some(tls) = &pl.tls {
+                push(tls, Some(pl.port.number))?;
+            }
+        }
+        for pl in &tp.port_level_settings {
+            warn("connectionPool", &pl.connection_pool);
+            warn("loadBalancer", &pl.load_balancer);
+            warn("outlierDetection", &pl.outlier_detection);
+        }
+        Ok((out, warnings))
+    }
+}
+
+fn parse_timestamp(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
+#[cfg(test)]
+mod tests;

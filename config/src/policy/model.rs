@@ -1,0 +1,272 @@
+//! Istio's security resources as they appear in YAML (security.istio.io and networking.istio.io,
+//! v1 and v1beta1): `PeerAuthentication`, `AuthorizationPolicy`, and the TLS part of
+//! `DestinationRule`. Unknown fields are errors; strings that need checking are `Spanned` so a
+//! semantic error can still name its line.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_saphyr::Spanned;
+
+pub type S = Spanned<String>;
+
+/// The Kubernetes object metadata keycard reads; the server-set fields of `kubectl get -o yaml`
+/// output are accepted and ignored.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, Spanned<String>>,
+    /// RFC 3339; with several policies at one level, the oldest wins.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    uid: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    resource_version: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    generation: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    managed_fields: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    finalizers: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    owner_references: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    generate_name: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+// ---- PeerAuthentication ----
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub mtls: Option<PeerMtls>,
+    #[serde(default)]
+    pub port_level_mtls: Option<Spanned<BTreeMap<u16, PeerMtls>>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PeerMtls {
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+/// PeerAuthentication's mode. `Unset` inherits from the enclosing level.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    #[default]
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+// ---- AuthorizationPolicy ----
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub target_ref: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub target_refs: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub action: Option<S>,
+    #[serde(default)]
+    pub provider: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub from: Vec<From>,
+    #[serde(default)]
+    pub to: Vec<To>,
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct From {
+    #[serde(default)]
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct To {
+    #[serde(default)]
+    pub operation: Operation,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Source {
+    #[serde(default)]
+    pub principals: Vec<S>,
+    #[serde(default)]
+    pub not_principals: Vec<S>,
+    #[serde(default)]
+    pub request_principals: Vec<S>,
+    #[serde(default)]
+    pub not_request_principals: Vec<S>,
+    #[serde(default)]
+    pub namespaces: Vec<S>,
+    #[serde(default)]
+    pub not_namespaces: Vec<S>,
+    #[serde(default)]
+    pub ip_blocks: Vec<S>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<S>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<S>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<S>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Operation {
+    #[serde(default)]
+    pub hosts: Vec<S>,
+    #[serde(default)]
+    pub not_hosts: Vec<S>,
+    #[serde(default)]
+    pub ports: Vec<S>,
+    #[serde(default)]
+    pub not_ports: Vec<S>,
+    #[serde(default)]
+    pub methods: Vec<S>,
+    #[serde(default)]
+    pub not_methods: Vec<S>,
+    #[serde(default)]
+    pub paths: Vec<S>,
+    #[serde(default)]
+    pub not_paths: Vec<S>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Condition {
+    pub key: S,
+    #[serde(default)]
+    pub values: Vec<S>,
+    #[serde(default)]
+    pub not_values: Vec<S>,
+}
+
+// ---- DestinationRule (TLS settings only) ----
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default)]
+    pub workload_selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    /// Subsets route traffic, which keycard does not do; their TLS settings are not applied.
+    #[serde(default)]
+    pub subsets: Option<Spanned<IgnoredAny>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+    // Traffic management keycard does not do; accepted so Istio files load, reported at load.
+    #[serde(default)]
+    pub connection_pool: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub load_balancer: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub outlier_detection: Option<Spanned<IgnoredAny>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: PortSelector,
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
+    #[serde(default)]
+    pub connection_pool: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub load_balancer: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub outlier_detection: Option<Spanned<IgnoredAny>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PortSelector {
+    pub number: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientTls {
+    #[serde(default)]
+    pub mode: ClientTlsMode,
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<S>,
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub credential_name: Option<S>,
+    #[serde(default)]
+    pub insecure_skip_verify: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ClientTlsMode {
+    Disable,
+    Simple,
+    Mutual,
+    #[default]
+    IstioMutual,
+}

@@ -1,0 +1,263 @@
+//! Loading Istio YAML: what loads, and every kind of error naming file, line and field.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::model::MtlsMode;
+use super::*;
+
+fn load(text: &str) -> Result<PolicySet, LoadError> {
+    let mut set = PolicySet::default();
+    set.add_text(text, Path::new("policy.yaml"))?;
+    Ok(set)
+}
+
+fn err(text: &str) -> LoadError {
+    load(text).expect_err("must not load")
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+const BOOKINFO: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: STRICT
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-all
+  namespace: default
+spec: {}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: details-viewer
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: details
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: details
+spec:
+  host: details.default.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+      subjectAltNames: ["spiffe://cluster.local/ns/default/sa/bookinfo-details"]
+    loadBalancer:
+      simple: ROUND_ROBIN
+"#;
+
+#[test]
+fn the_bookinfo_lab_policies_load_and_apply_by_namespace_and_selector() {
+    let set = load(BOOKINFO).unwrap();
+    assert_eq!((set.peer_auth.len(), set.authz.len(), set.dest_tls.len()), (1, 2, 1));
+    assert_eq!(set.warnings.len(), 1, "{:?}", set.warnings);
+    assert!(set.warnings[0].contains("loadBalancer") && set.warnings[0].starts_with("policy.yaml:"));
+
+    let details = set.for_workload(DEFAULT_ROOT_NAMESPACE, "default", &labels(&[("app", "details")]));
+    assert_eq!(
+        details.authz.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        ["deny-all", "details-viewer"]
+    );
+    assert_eq!(details.peer_auth.mode_for(9080).mode, MtlsMode::Strict);
+    assert_eq!(details.peer_auth.mode_for(9080).source, "istio-system/default");
+
+    let ratings = set.for_workload(DEFAULT_ROOT_NAMESPACE, "default", &labels(&[("app", "ratings")]));
+    assert_eq!(ratings.authz.len(), 1);
+    let elsewhere = set.for_workload(DEFAULT_ROOT_NAMESPACE, "other", &labels(&[("app", "details")]));
+    assert!(elsewhere.authz.is_empty());
+
+    let tls = set.dest_tls_for("details.default.svc.cluster.local", 9080).unwrap();
+    assert_eq!(tls.subject_alt_names, ["spiffe://cluster.local/ns/default/sa/bookinfo-details"]);
+    assert!(set.dest_tls_for("reviews.default.svc.cluster.local", 9080).is_none());
+}
+
+#[test]
+fn errors_name_file_line_and_field() {
+    let cases: &[(&str, u64, Option<&str>, &str)] = &[
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  rules:\n  - from:\n    - source:\n        principalz: [a]\n",
+            9,
+            Some("principalz"),
+            "unknown field",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  action: CUSTOM\n",
+            6,
+            Some("action"),
+            "CUSTOM",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.0/33\"]\n",
+            9,
+            Some("ipBlocks"),
+            "not an IP address",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n",
+            9,
+            Some("ports"),
+            "not a port number",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  rules:\n  - when:\n    - key: source.color\n      values: [red]\n",
+            8,
+            Some("key"),
+            "unsupported condition key",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"a*b*\"]\n",
+            9,
+            Some("principals"),
+            "`*` is allowed only",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: x\nspec:\n  mtls:\n    mode: STRICTLY\n",
+            7,
+            Some("mode"),
+            "unknown variant",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: x\nspec:\n  portLevelMtls:\n    8080:\n      mode: DISABLE\n",
+            7,
+            None,
+            "needs a workload selector",
+        ),
+        ("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n", 2, Some("kind"), "unsupported kind"),
+        (
+            "apiVersion: security.istio.io/v2\nkind: PeerAuthentication\nmetadata:\n  name: x\n",
+            1,
+            Some("apiVersion"),
+            "apiVersion",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\n  annotations:\n    istio.io/dry-run: maybe\n",
+            6,
+            Some("istio.io/dry-run"),
+            "must be",
+        ),
+    ];
+    for (text, line, field, msg) in cases {
+        let e = err(text);
+        assert_eq!(e.file, Path::new("policy.yaml"));
+        if *line > 0 {
+            assert_eq!(e.line, *line, "line for {msg}: {e}");
+        }
+        if field.is_some() {
+            assert_eq!(e.field.as_deref(), *field, "field for {msg}: {e}");
+        }
+        assert!(e.to_string().contains(msg), "{e} should say {msg}");
+        assert!(e.to_string().starts_with("policy.yaml:"), "{e}");
+    }
+}
+
+#[test]
+fn an_error_in_a_later_document_points_into_that_document() {
+    let text = format!(
+        "{BOOKINFO}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: y\nspec:\n  acton: DENY\n"
+    );
+    let e = err(&text);
+    let want = text.lines().position(|l| l.contains("acton")).unwrap() as u64 + 1;
+    assert_eq!(e.line, want, "{e}");
+    assert_eq!(e.field.as_deref(), Some("acton"));
+}
+
+#[test]
+fn kubectl_output_with_server_fields_loads() {
+    let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: x\n  namespace: foo\n  uid: 1234\n  resourceVersion: \"5\"\n  generation: 1\n  creationTimestamp: \"2024-01-01T00:00:00Z\"\nspec:\n  mtls:\n    mode: DISABLE\nstatus: {}\n";
+    let set = load(text).unwrap();
+    assert_eq!(set.peer_auth[0].created, Some(1_704_067_200));
+}
+
+#[test]
+fn peer_authentication_resolves_mesh_namespace_workload_port() {
+    let text = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: mesh, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ns-unset, namespace: foo}
+spec: {mtls: {mode: UNSET}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: workload, namespace: foo}
+spec:
+  selector: {matchLabels: {app: db}}
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls:
+    5432: {mode: DISABLE}
+    8080: {mode: UNSET}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: root-selector-ignored, namespace: istio-system}
+spec:
+  selector: {matchLabels: {app: web}}
+  mtls: {mode: DISABLE}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: newer, namespace: bar, creationTimestamp: "2025-01-01T00:00:00Z"}
+spec: {mtls: {mode: DISABLE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: older, namespace: bar, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec: {mtls: {mode: PERMISSIVE}}
+"#;
+    let set = load(text).unwrap();
+    let mode = |ns: &str, app: &str, port: u16| {
+        let wp = set.for_workload("istio-system", ns, &labels(&[("app", app)]));
+        let m = wp.peer_auth.mode_for(port);
+        (m.mode, m.source)
+    };
+    assert_eq!(
+        mode("foo", "web", 80),
+        (MtlsMode::Strict, "istio-system/mesh".into()),
+        "UNSET inherits; root selector ignored"
+    );
+    assert_eq!(mode("foo", "db", 80), (MtlsMode::Permissive, "foo/workload".into()));
+    assert_eq!(mode("foo", "db", 5432), (MtlsMode::Disable, "foo/workload:5432".into()));
+    assert_eq!(mode("foo", "db", 8080), (MtlsMode::Permissive, "foo/workload".into()), "port UNSET inherits");
+    assert_eq!(mode("bar", "x", 80), (MtlsMode::Permissive, "bar/older".into()), "oldest wins");
+    assert_eq!(mode("baz", "x", 80), (MtlsMode::Strict, "istio-system/mesh".into()));
+    let empty = PolicySet::default().for_workload("istio-system", "x", &BTreeMap::new());
+    assert_eq!(empty.peer_auth.mode_for(1).mode, MtlsMode::Permissive, "no policy means PERMISSIVE");
+}
+
+#[test]
+fn a_directory_loads_in_name_order_and_a_broken_file_fails_the_whole_load() {
+    let dir = std::env::temp_dir().join(format!("keycard-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("10-mesh.yaml"), BOOKINFO).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not yaml: [").unwrap();
+    let set = PolicySet::load(std::slice::from_ref(&dir)).unwrap();
+    assert_eq!(set.files.len(), 1);
+    std::fs::write(dir.join("20-bad.yml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  rulez: []\n").unwrap();
+    let e = PolicySet::load(std::slice::from_ref(&dir)).unwrap_err();
+    assert!(e.file.ends_with("20-bad.yml") && e.line == 6, "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
