@@ -33,7 +33,7 @@ pub struct Object<T> {
 pub enum Resource {
     PeerAuthentication(Object<PeerAuthenticationSpec>),
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
-    DestinationRule(Object<DestinationRuleSpec>),
+    DestinationRule(Box<Object<DestinationRuleSpec>>),
 }
 
 const SECURITY_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
@@ -47,7 +47,7 @@ pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Resource>, LoadErr
     let mut out = Vec::new();
     for doc in docs.into_iter().flatten() {
         match doc {
-            Document::Resource(r) => out.push(r),
+            Document::Resource(r) => out.push(*r),
             Document::UnsupportedKind(kind) => {
                 let msg = format!(
                     "unsupported kind `{}`: keycard reads PeerAuthentication, AuthorizationPolicy and DestinationRule",
@@ -114,7 +114,7 @@ fn field_on_line(text: &str, line: u64) -> Option<String> {
 /// One YAML document. Kind and version problems are reported after parsing, where their spans
 /// can still name the line (an error raised inside a visitor carries none).
 enum Document {
-    Resource(Resource),
+    Resource(Box<Resource>),
     UnsupportedKind(Spanned<String>),
     UnsupportedVersion { api_version: Spanned<String>, kind: String },
 }
@@ -130,7 +130,7 @@ struct DocumentVisitor;
 enum Spec {
     Peer(PeerAuthenticationSpec),
     Authz(AuthorizationPolicySpec),
-    Dest(DestinationRuleSpec),
+    Dest(Box<DestinationRuleSpec>),
 }
 
 impl<'de> Visitor<'de> for DocumentVisitor {
@@ -205,11 +205,11 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                 Resource::AuthorizationPolicy(Object { api_version, metadata, spec: Default::default() })
             }
             ("DestinationRule", Some(Spec::Dest(spec))) => {
-                Resource::DestinationRule(Object { api_version, metadata, spec })
+                Resource::DestinationRule(Box::new(Object { api_version, metadata, spec: *spec }))
             }
             ("DestinationRule", None) => return Err(de::Error::missing_field("spec")),
             _ => return Err(de::Error::custom("spec does not match kind")),
         };
-        Ok(Document::Resource(resource))
+        Ok(Document::Resource(Box::new(resource)))
     }
 }

@@ -106,7 +106,7 @@ impl PolicySet {
                 Resource::PeerAuthentication(o) => self.peer_auth.push(cx.peer_auth(o, order)?),
                 Resource::AuthorizationPolicy(o) => self.authz.push(cx.authz(o)?),
                 Resource::DestinationRule(o) => {
-                    let (tls, warnings) = cx.dest_rule(o)?;
+                    let (tls, warnings) = cx.dest_rule(*o)?;
                     self.dest_tls.extend(tls);
                     self.warnings.extend(warnings);
                 }
