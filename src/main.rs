@@ -11,8 +11,8 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_logging(&args.log);
-    match cli::run(args) {
+    let log_control = cli::init_logging(&args.log);
+    match cli::run(args, log_control) {
         Ok(code) => code,
         Err(e) => {
             // One line on stderr: the error and its causes, joined by ": ".

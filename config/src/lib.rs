@@ -7,6 +7,7 @@
 //! - [`certinfo`]: certificates described for a person (CLI inspect, admin `/certs`).
 //! - [`policy`]: Istio security YAML loaded with file:line errors; PeerAuthentication resolution and
 //!   the authorization engine.
+//! - [`sidecar`]: the sidecar configuration file.
 //! - [`pem`]: reading certificates and keys from PEM with errors that name the file.
 
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod certinfo;
 pub mod identity;
 pub mod pem;
 pub mod policy;
+pub mod sidecar;
 pub mod svid;
 pub mod tls;
 

@@ -1,10 +1,23 @@
-//! keycard's sidecar.
+//! keycard's sidecar: one connection can be followed top to bottom in `inbound.rs`.
 //!
-//! - [`identity`]: the workload's key and CSR, and the client of the keycard CA that signs them.
-//!
-//! Inbound and outbound mutual TLS, policy enforcement, metrics and admin come with the sidecar
-//! itself (see ARCHITECTURE.md for what exists today).
+//! - [`identity`]: key and CSR made here, the CA client, the certificate manager (renewal).
+//! - [`tls`]: TLS configs built once per certificate ([`tls::MeshTls`]).
+//! - [`detect`]: TLS vs plaintext by peeking the ClientHello (SNI, ALPN).
+//! - [`inbound`], [`outbound`]: the two directions; [`forward`]: bytes both ways.
+//! - [`sidecar`]: assembly, policy reload, drain; [`conns`]: live connections for re-evaluation.
+//! - [`metrics`], [`admin`]: what it reports.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod conns;
+pub mod detect;
+pub mod forward;
 pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod sidecar;
+pub mod tls;
+
+pub use sidecar::{Addrs, Sidecar, SidecarError};

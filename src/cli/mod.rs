@@ -2,6 +2,7 @@
 //! crates and prints the result, as text or, with `-o json`, as one JSON document.
 
 mod ca;
+mod proxy;
 mod spiffe;
 
 use std::process::ExitCode;
@@ -52,24 +53,39 @@ enum Command {
     /// SPIFFE IDs and X.509-SVIDs: parse, verify.
     #[command(subcommand)]
     Spiffe(spiffe::SpiffeCommand),
+    /// Run the sidecar: mutual TLS in and out, PeerAuthentication and AuthorizationPolicy.
+    Proxy(proxy::ProxyArgs),
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub fn run(cli: Cli, log_control: keycard_proxy::admin::LogControl) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ca(cmd) => ca::run(cmd),
         Command::Spiffe(cmd) => spiffe::run(cmd),
+        Command::Proxy(args) => proxy::run(args, log_control),
     }
 }
 
-pub fn init_logging(args: &LogArgs) {
-    use tracing_subscriber::EnvFilter;
+/// Sets up logging on stderr and returns the control `/logging` uses to change the filter.
+pub fn init_logging(args: &LogArgs) -> keycard_proxy::admin::LogControl {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
     let filter = std::env::var("KEYCARD_LOG").unwrap_or_else(|_| args.log_level.clone());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     match args.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => {
+            registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).init()
+        }
+        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).init(),
     }
+    std::sync::Arc::new(move |set: Option<&str>| {
+        if let Some(spec) = set {
+            let f = EnvFilter::try_new(spec).map_err(|e| format!("bad filter {spec:?}: {e}"))?;
+            handle.reload(f).map_err(|e| e.to_string())?;
+        }
+        handle.with_current(|f| f.to_string()).map_err(|e| e.to_string())
+    })
 }
 
 /// Parses `24h`, `90m`, `10y` (humantime syntax) into a `time::Duration`.

@@ -84,7 +84,7 @@ pub fn spanned_error<T>(file: &Path, text: &str, s: &Spanned<T>, message: impl I
     error_at(file, text, s.referenced.line(), s.referenced.column(), message)
 }
 
-fn yaml_error(e: &serde_saphyr::Error, text: &str, file: &Path) -> LoadError {
+pub(crate) fn yaml_error(e: &serde_saphyr::Error, text: &str, file: &Path) -> LoadError {
     let full = e.to_string();
     let first = full.lines().next().unwrap_or_default();
     // "error: line 14 column 17: invalid u16" -> "invalid u16"

@@ -2,8 +2,10 @@
 //! an X.509-SVID (with a bootstrap token first, then renewing over mutual TLS).
 
 mod client;
+mod manager;
 
 pub use client::{CaClient, ClientError, Credential};
+pub use manager::{CertManager, TlsWatch};
 
 use keycard_config::SpiffeId;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};

@@ -1,0 +1,299 @@
+//! The sidecar's own configuration file (`keycard proxy --config sidecar.yaml`). Every field is
+//! documented with its unit and default; see `deploy/examples/sidecar.yaml` for an annotated file.
+//! Relative paths are relative to the configuration file's directory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::identity::{SpiffeId, TrustDomain};
+use crate::policy::load::{LoadError, error_at};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    pub workload: Workload,
+    pub identity: IdentitySource,
+    /// Ports of the workload that peers call; each has its own listener.
+    #[serde(default)]
+    pub inbound: Vec<InboundPort>,
+    /// Upstreams the workload calls: the app connects in plaintext to `listen`.
+    #[serde(default)]
+    pub outbound: Vec<Upstream>,
+    #[serde(default)]
+    pub policy: PolicySource,
+    /// Admin API (config_dump, certs, handshake failures). Default 127.0.0.1:15000.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Prometheus metrics (`/stats/prometheus`, `/metrics`). Default 127.0.0.1:15020.
+    #[serde(default = "default_metrics")]
+    pub metrics: SocketAddr,
+    /// Readiness (`/healthz/ready`). Default 127.0.0.1:15021.
+    #[serde(default = "default_readiness")]
+    pub readiness: SocketAddr,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Who this workload is.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub trust_domain: TrustDomain,
+    pub namespace: String,
+    pub service_account: String,
+    /// Matched by policies' `selector.matchLabels`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where the workload's certificate comes from.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// From `keycard ca serve`: a key and CSR made here, a bootstrap token for the first
+    /// certificate, renewal over mutual TLS at half life.
+    Ca {
+        /// `https://host:port` of the CA.
+        url: String,
+        /// File holding the bootstrap token (read when a first certificate is needed).
+        token_file: PathBuf,
+        /// PEM trust bundle; reloaded when it changes.
+        bundle: PathBuf,
+        /// Requested certificate lifetime. Default 24 h (the CA may shorten it).
+        #[serde(default = "default_cert_ttl", with = "duration")]
+        ttl: Duration,
+    },
+    /// Static files (for instance from `keycard ca issue`); reloaded when they change.
+    Files { cert: PathBuf, key: PathBuf, bundle: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Bytes, unparsed.
+    #[default]
+    Tcp,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundPort {
+    /// The service port, as policies (`ports`, `portLevelMtls`) name it.
+    pub port: u16,
+    /// Where peers connect (the sidecar's listener for this port).
+    pub listen: SocketAddr,
+    /// The application, normally on loopback.
+    pub app: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Where the app connects, in plaintext.
+    pub listen: SocketAddr,
+    /// The remote sidecar's inbound listener.
+    pub remote: SocketAddr,
+    /// The service host name, for DestinationRule lookup (e.g. `reviews.default.svc.cluster.local`).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The service port, for DestinationRule `portLevelSettings`. Default: `remote`'s port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// SPIFFE IDs the server may present (secure naming). Empty: a DestinationRule's
+    /// `subjectAltNames` for `host`, else any identity of the trust domain.
+    #[serde(default)]
+    pub identities: Vec<SpiffeId>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySource {
+    /// Files or directories of Istio YAML. Watched; SIGHUP also reloads.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    /// Policies here apply mesh-wide. Default `istio-system`.
+    #[serde(default = "default_root_ns")]
+    pub root_namespace: String,
+}
+
+impl Default for PolicySource {
+    fn default() -> Self {
+        Self { paths: Vec::new(), root_namespace: default_root_ns() }
+    }
+}
+
+/// Deadlines and caps. Durations are humantime strings (`10s`, `1h`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Whole TLS handshake, absolute (trickled bytes do not extend it). Default 10 s.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Waiting for a client's first bytes to tell TLS from plaintext (PERMISSIVE). Default 5 s.
+    #[serde(with = "duration")]
+    pub detect_timeout: Duration,
+    /// Connecting to the app or a remote sidecar. Default 5 s.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed. Default 1 h.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Live connections per sidecar; beyond it new ones are closed at once. Default 10000.
+    pub max_connections: usize,
+    /// On SIGTERM, how long live connections may finish. Default 5 s.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+    /// How often policy and certificate files are checked for changes. Default 1 s.
+    #[serde(with = "duration")]
+    pub watch_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            detect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(5),
+            watch_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl SidecarConfig {
+    /// Reads and checks a configuration file; relative paths become relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            field: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut cfg = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.rebase(base);
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, LoadError> {
+        let cfg: Self =
+            serde_saphyr::from_str(text).map_err(|e| crate::policy::load::yaml_error(&e, text, origin))?;
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &cfg.inbound {
+            if !seen.insert(p.port) {
+                let line =
+                    text.lines().position(|l| l.contains(&format!("port: {}", p.port))).map_or(0, |i| i + 1);
+                return Err(error_at(
+                    origin,
+                    text,
+                    line as u64,
+                    1,
+                    format!("inbound port {} is listed twice", p.port),
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The workload's SPIFFE ID.
+    pub fn spiffe_id(&self) -> Result<SpiffeId, crate::IdError> {
+        SpiffeId::from_k8s(
+            &self.workload.trust_domain,
+            &self.workload.namespace,
+            &self.workload.service_account,
+        )
+    }
+
+    fn rebase(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match &mut self.identity {
+            IdentitySource::Ca { token_file, bundle, .. } => {
+                fix(token_file);
+                fix(bundle);
+            }
+            IdentitySource::Files { cert, key, bundle } => {
+                fix(cert);
+                fix(key);
+                fix(bundle);
+            }
+        }
+        self.policy.paths.iter_mut().for_each(fix);
+    }
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+fn default_metrics() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15020))
+}
+fn default_readiness() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15021))
+}
+fn default_root_ns() -> String {
+    crate::policy::DEFAULT_ROOT_NAMESPACE.to_owned()
+}
+fn default_cert_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// Durations as humantime strings (`10s`, `500ms`, `1h`).
+pub mod duration {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 10s or 1h: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_annotated_example_parses_and_paths_are_rebased() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/sidecar.yaml");
+        let cfg = SidecarConfig::load(&path).unwrap();
+        assert_eq!(
+            cfg.spiffe_id().unwrap().as_str(),
+            "spiffe://cluster.local/ns/default/sa/bookinfo-details"
+        );
+        assert_eq!(cfg.inbound[0].port, 9080);
+        assert_eq!(cfg.limits.handshake_timeout, Duration::from_secs(10));
+        assert!(cfg.policy.paths[0].is_absolute() || cfg.policy.paths[0].starts_with(path.parent().unwrap()));
+        let IdentitySource::Ca { ttl, .. } = cfg.identity else { panic!("ca identity") };
+        assert_eq!(ttl, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_field() {
+        let text = "workload:\n  trust_domain: cluster.local\n  namespace: a\n  service_account: b\nidentity:\n  files: {cert: c, key: k, bundle: b}\nlimits:\n  handshake_timeout: soon\n";
+        let e = SidecarConfig::parse(text, Path::new("s.yaml")).unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (8, Some("handshake_timeout")), "{e}");
+        let text = "workload:\n  trust_domain: Cluster.local\n  namespace: a\n  service_account: b\nidentity:\n  files: {cert: c, key: k, bundle: b}\n";
+        let e = SidecarConfig::parse(text, Path::new("s.yaml")).unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (2, Some("trust_domain")), "{e}");
+        let text = "workload:\n  trust_domain: cluster.local\n  namespace: a\n  service_account: b\n  color: red\nidentity:\n  files: {cert: c, key: k, bundle: b}\n";
+        let e = SidecarConfig::parse(text, Path::new("s.yaml")).unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (5, Some("color")), "{e}");
+    }
+}

@@ -1,0 +1,240 @@
+//! One inbound connection, top to bottom: accept → mode for the port → (detect) → mutual TLS →
+//! peer SPIFFE ID → authorization → connect to the app → forward → one access event and metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use keycard_config::SpiffeId;
+use keycard_config::policy::authz::{self, Attributes};
+use keycard_config::policy::model::MtlsMode;
+use keycard_config::sidecar::InboundPort;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::conns::ConnFacts;
+use crate::detect::{self, Detected};
+use crate::forward::{self, End};
+use crate::sidecar::{Direction, Shared};
+use crate::tls::{MESH_ALPNS, peer_identity};
+
+pub async fn serve(shared: Arc<Shared>, port: InboundPort, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(permit) = shared.admit() else { continue };
+        let (shared2, port2) = (shared.clone(), port.clone());
+        shared.tracker.spawn(async move {
+            let _permit = permit;
+            handle(&shared2, &port2, tcp, peer).await;
+        });
+    }
+}
+
+async fn handle(shared: &Shared, port: &InboundPort, tcp: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().unwrap_or(port.listen);
+    let policy = shared.policy.borrow().clone();
+    let mode = policy.peer_auth.mode_for(port.port);
+    let limits = &shared.limits;
+    let terminate = match mode.mode {
+        MtlsMode::Disable => false,
+        MtlsMode::Strict => match detect::detect(&tcp, limits.detect_timeout).await {
+            Detected::Tls(_) => true,
+            Detected::Plaintext => {
+                shared.handshake_failed(
+                    Direction::Inbound,
+                    peer,
+                    "plaintext_in_strict",
+                    "plaintext on a STRICT port",
+                );
+                return;
+            }
+            Detected::Nothing => {
+                shared.handshake_failed(
+                    Direction::Inbound,
+                    peer,
+                    "timeout",
+                    "no bytes before the detection deadline",
+                );
+                return;
+            }
+        },
+        MtlsMode::Permissive | MtlsMode::Unset => match detect::detect(&tcp, limits.detect_timeout).await {
+            Detected::Tls(hello) => hello.alpn.iter().any(|a| MESH_ALPNS.contains(&a.as_slice())),
+            Detected::Plaintext => false,
+            Detected::Nothing => {
+                shared.handshake_failed(
+                    Direction::Inbound,
+                    peer,
+                    "timeout",
+                    "no bytes before the detection deadline",
+                );
+                return;
+            }
+        },
+    };
+    if !terminate {
+        shared.metrics.plaintext.with_label_values(&[&port.port.to_string()]).inc();
+        shared.census(peer);
+        let facts = ConnFacts {
+            source_ip: peer.ip(),
+            principal: None,
+            destination_ip: local.ip(),
+            port: port.port,
+            sni: None,
+        };
+        proxy_to_app(shared, port, tcp, facts, peer, started).await;
+        return;
+    }
+    let Some(tls) = shared.tls.borrow().clone() else {
+        shared.handshake_failed(
+            Direction::Inbound,
+            peer,
+            "no_certificate_loaded",
+            "this sidecar has no certificate yet",
+        );
+        return;
+    };
+    let acceptor = TlsAcceptor::from(tls.server.clone());
+    let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let (reason, detail) = crate::sidecar::classify_tls_error(&e);
+            shared.handshake_failed(Direction::Inbound, peer, reason, &detail);
+            return;
+        }
+        Err(_) => {
+            shared.handshake_failed(
+                Direction::Inbound,
+                peer,
+                "timeout",
+                "the TLS handshake did not finish in time",
+            );
+            return;
+        }
+    };
+    let (_, conn) = stream.get_ref();
+    let principal = peer_identity(conn.peer_certificates());
+    let sni = conn.server_name().map(str::to_owned);
+    let facts =
+        ConnFacts { source_ip: peer.ip(), principal, destination_ip: local.ip(), port: port.port, sni };
+    proxy_to_app(shared, port, stream, facts, peer, started).await;
+}
+
+async fn proxy_to_app<S>(
+    shared: &Shared,
+    port: &InboundPort,
+    downstream: S,
+    facts: ConnFacts,
+    peer: SocketAddr,
+    started: Instant,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mtls = facts.principal.is_some();
+    let decision = shared.authorize(&facts);
+    let policy_label = match &decision {
+        Ok(p) => p.policy_label(),
+        Err(d) => d.policy_label(),
+    };
+    let labels = shared.tcp_labels(Direction::Inbound, facts.principal.as_ref(), Some(&shared.id), mtls);
+    let event = AccessEvent {
+        peer,
+        dst: port.app,
+        src_identity: facts.principal.as_ref(),
+        dst_identity: Some(&shared.id),
+        mtls,
+        policy: &policy_label,
+    };
+    if let Err(denied) = decision {
+        let mut l = labels.clone();
+        l[6] = "RBAC".into();
+        shared.record_tcp(&l, 0, 0, true);
+        event.log("deny", denied.reason(), 0, 0, started);
+        return;
+    }
+    let app = match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(port.app)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) | Err(_) => {
+            let mut l = labels.clone();
+            l[6] = "UF".into();
+            shared.record_tcp(&l, 0, 0, true);
+            event.log("allow", "app_unreachable", 0, 0, started);
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let cancel = shared.drain.child_token();
+    let _registration = shared.live.register(facts.clone(), cancel.clone());
+    shared.record_tcp(&labels, 0, 0, false);
+    shared.metrics.active.inc();
+    let totals = forward::pipe(downstream, app, shared.limits.idle_timeout, cancel).await;
+    shared.metrics.active.dec();
+    let reason = match totals.end {
+        End::Done => "closed",
+        End::Idle => "idle_timeout",
+        End::Cancelled => "closed_by_policy_or_drain",
+        End::Error => "reset",
+    };
+    shared.finish_tcp(&labels, totals.backward, totals.forward);
+    event.log("allow", reason, totals.backward, totals.forward, started);
+}
+
+struct AccessEvent<'a> {
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src_identity: Option<&'a SpiffeId>,
+    dst_identity: Option<&'a SpiffeId>,
+    mtls: bool,
+    policy: &'a str,
+}
+
+impl AccessEvent<'_> {
+    /// `sent` is what went to the downstream peer, `recv` what came from it.
+    fn log(&self, decision: &str, reason: &str, sent: u64, recv: u64, started: Instant) {
+        info!(
+            target: "keycard::access",
+            direction = "inbound",
+            src.addr = %self.peer,
+            src.identity = self.src_identity.map(SpiffeId::as_str).unwrap_or("-"),
+            dst.addr = %self.dst,
+            dst.identity = self.dst_identity.map(SpiffeId::as_str).unwrap_or("-"),
+            mtls = self.mtls,
+            policy = self.policy,
+            decision,
+            reason,
+            bytes_sent = sent,
+            bytes_recv = recv,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "access"
+        );
+    }
+}
+
+/// Decides for a connection's facts with the given policies (also used on reload).
+pub fn decide(policies: &[&authz::AuthzPolicy], facts: &ConnFacts) -> authz::Decision {
+    authz::evaluate(
+        policies,
+        &Attributes {
+            source_ip: facts.source_ip,
+            source_principal: facts.principal.as_ref(),
+            destination_ip: facts.destination_ip,
+            destination_port: facts.port,
+            sni: facts.sni.as_deref(),
+            http: None,
+        },
+    )
+}

@@ -1,0 +1,218 @@
+//! One outbound connection: the app's plaintext in, mutual TLS (TLS 1.3, our SVID) to the remote
+//! sidecar, whose SPIFFE ID must be one of those expected for the destination (secure naming).
+//! A DestinationRule with `tls.mode: DISABLE` for the destination sends plaintext instead.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use keycard_config::SpiffeId;
+use keycard_config::policy::model::ClientTlsMode;
+use keycard_config::sidecar::Upstream;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::forward::{self, End};
+use crate::sidecar::{Direction, Shared};
+use crate::tls::{MeshTls, peer_identity};
+
+/// How one upstream is reached, decided at start and on every policy reload.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub mode: ClientTlsMode,
+    pub expected: Vec<SpiffeId>,
+    pub sni: Option<String>,
+}
+
+impl Route {
+    pub fn for_upstream(up: &Upstream, policy: &keycard_config::policy::PolicySet) -> Self {
+        let port = up.port.unwrap_or(up.remote.port());
+        let dr = up.host.as_deref().and_then(|h| policy.dest_tls_for(h, port));
+        let expected = if !up.identities.is_empty() {
+            up.identities.clone()
+        } else {
+            dr.map(|d| d.subject_alt_names.iter().filter_map(|s| SpiffeId::parse(s).ok()).collect())
+                .unwrap_or_default()
+        };
+        Self {
+            mode: dr.map_or(ClientTlsMode::IstioMutual, |d| d.mode),
+            expected,
+            sni: dr.and_then(|d| d.sni.clone()).or_else(|| up.host.clone()),
+        }
+    }
+}
+
+/// Client configs are built once per certificate and route, not per connection.
+struct ConfigCache {
+    built_for: Option<(Arc<MeshTls>, Vec<SpiffeId>)>,
+    config: Option<Arc<ClientConfig>>,
+}
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    up: Upstream,
+    route: tokio::sync::watch::Receiver<Route>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    let cache = Arc::new(Mutex::new(ConfigCache { built_for: None, config: None }));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(permit) = shared.admit() else { continue };
+        let (shared2, up2, route, cache) =
+            (shared.clone(), up.clone(), route.borrow().clone(), cache.clone());
+        shared.tracker.spawn(async move {
+            let _permit = permit;
+            handle(&shared2, &up2, &route, &cache, tcp, peer).await;
+        });
+    }
+}
+
+fn client_config(
+    cache: &Mutex<ConfigCache>,
+    tls: &Arc<MeshTls>,
+    expected: &[SpiffeId],
+) -> Option<Arc<ClientConfig>> {
+    let mut c = cache.lock().ok()?;
+    let fresh = matches!(&c.built_for, Some((t, e)) if Arc::ptr_eq(t, tls) && e == expected);
+    if !fresh {
+        c.config = tls.client(expected.to_vec()).ok();
+        c.built_for = Some((tls.clone(), expected.to_vec()));
+    }
+    c.config.clone()
+}
+
+async fn handle(
+    shared: &Shared,
+    up: &Upstream,
+    route: &Route,
+    cache: &Mutex<ConfigCache>,
+    app: TcpStream,
+    peer: SocketAddr,
+) {
+    let started = Instant::now();
+    let _ = app.set_nodelay(true);
+    let limits = &shared.limits;
+    let remote = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(up.remote)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            log(peer, up, None, false, "connect_failed", &e.to_string(), 0, 0, started);
+            return;
+        }
+        Err(_) => {
+            log(peer, up, None, false, "connect_timeout", "", 0, 0, started);
+            return;
+        }
+    };
+    let _ = remote.set_nodelay(true);
+    let cancel = shared.drain.child_token();
+    if route.mode == ClientTlsMode::Disable {
+        let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
+        shared.record_tcp(&labels, 0, 0, false);
+        let t = forward::pipe(app, remote, limits.idle_timeout, cancel).await;
+        shared.finish_tcp(&labels, t.forward, t.backward);
+        log(peer, up, None, false, end_reason(t.end), "", t.forward, t.backward, started);
+        return;
+    }
+    let Some(tls) = shared.tls.borrow().clone() else {
+        shared.handshake_failed(
+            Direction::Outbound,
+            peer,
+            "no_certificate_loaded",
+            "this sidecar has no certificate yet",
+        );
+        return;
+    };
+    let Some(config) = client_config(cache, &tls, &route.expected) else {
+        shared.handshake_failed(Direction::Outbound, peer, "config", "cannot build the client TLS config");
+        return;
+    };
+    let name = route
+        .sni
+        .as_deref()
+        .and_then(|s| ServerName::try_from(s.to_owned()).ok())
+        .unwrap_or_else(|| ServerName::IpAddress(up.remote.ip().into()));
+    let stream = match tokio::time::timeout(
+        limits.handshake_timeout,
+        TlsConnector::from(config).connect(name, remote),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let (reason, detail) = crate::sidecar::classify_tls_error(&e);
+            shared.handshake_failed(Direction::Outbound, up.remote, reason, &detail);
+            log(peer, up, None, true, reason, &detail, 0, 0, started);
+            return;
+        }
+        Err(_) => {
+            shared.handshake_failed(
+                Direction::Outbound,
+                up.remote,
+                "timeout",
+                "the TLS handshake did not finish in time",
+            );
+            return;
+        }
+    };
+    let server_id = peer_identity(stream.get_ref().1.peer_certificates());
+    let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), true);
+    shared.record_tcp(&labels, 0, 0, false);
+    shared.metrics.active.inc();
+    let t = forward::pipe(app, stream, limits.idle_timeout, cancel).await;
+    shared.metrics.active.dec();
+    shared.finish_tcp(&labels, t.forward, t.backward);
+    log(peer, up, server_id.as_ref(), true, end_reason(t.end), "", t.forward, t.backward, started);
+}
+
+fn end_reason(end: End) -> &'static str {
+    match end {
+        End::Done => "closed",
+        End::Idle => "idle_timeout",
+        End::Cancelled => "drained",
+        End::Error => "reset",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log(
+    peer: SocketAddr,
+    up: &Upstream,
+    server: Option<&SpiffeId>,
+    mtls: bool,
+    reason: &str,
+    detail: &str,
+    sent: u64,
+    recv: u64,
+    started: Instant,
+) {
+    info!(
+        target: "keycard::access",
+        direction = "outbound",
+        src.addr = %peer,
+        dst.addr = %up.remote,
+        dst.identity = server.map(SpiffeId::as_str).unwrap_or("-"),
+        mtls,
+        decision = if reason == "closed" || reason == "idle_timeout" || reason == "drained" || reason == "reset" { "allow" } else { "fail" },
+        reason,
+        detail,
+        bytes_sent = sent,
+        bytes_recv = recv,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "access"
+    );
+}

@@ -1,0 +1,528 @@
+//! The sidecar assembled: listeners bound, certificate manager, policy (watched, SIGHUP-able),
+//! inbound and outbound loops, admin/metrics/readiness servers, and drain on shutdown.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use keycard_config::SpiffeId;
+use keycard_config::policy::model::MtlsMode;
+use keycard_config::policy::{LoadError, PolicySet, WorkloadPolicy};
+use keycard_config::sidecar::{Limits, SidecarConfig};
+use prometheus::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::conns::{ConnFacts, LiveConns};
+use crate::identity::{CertManager, TlsWatch};
+use crate::metrics::ProxyMetrics;
+use crate::outbound::Route;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SidecarError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Policy(#[from] LoadError),
+    #[error("the workload identity is invalid: {0}")]
+    Identity(#[from] keycard_config::IdError),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// One refused handshake, for `/debug/handshake_failures`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub at: String,
+    pub direction: Direction,
+    pub peer: SocketAddr,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// Plaintext sources seen on PERMISSIVE/DISABLE ports (the census before going STRICT).
+#[derive(Debug, Clone, Serialize)]
+pub struct CensusEntry {
+    pub connections: u64,
+    pub last_seen: String,
+}
+
+const FAILURES_KEPT: usize = 64;
+const CENSUS_MAX_SOURCES: usize = 1024;
+
+/// State every connection task reads.
+pub struct Shared {
+    pub id: SpiffeId,
+    pub namespace: String,
+    pub tls: TlsWatch,
+    pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
+    pub metrics: ProxyMetrics,
+    pub limits: Limits,
+    pub live: LiveConns,
+    pub tracker: TaskTracker,
+    /// Cancelled when a drain runs out of time: closes every live connection.
+    pub drain: CancellationToken,
+    slots: Arc<Semaphore>,
+    failures: Mutex<VecDeque<Failure>>,
+    census: Mutex<BTreeMap<IpAddr, CensusEntry>>,
+}
+
+impl Shared {
+    /// A slot for a new connection, or `None` (closed at once, counted) when at the cap.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.metrics.refused.with_label_values(&["overloaded"]).inc();
+        }
+        permit
+    }
+
+    pub fn authorize(&self, facts: &ConnFacts) -> keycard_config::policy::authz::Decision {
+        let policy = self.policy.borrow().clone();
+        let decision = crate::inbound::decide(&policy.authz_refs(), facts);
+        let (label, action) = match &decision {
+            Ok(p) => (p.policy_label(), "allow"),
+            Err(d) => (d.policy_label(), "deny"),
+        };
+        self.metrics.authz.with_label_values(&[&label, action, "true"]).inc();
+        let evidence = match &decision {
+            Ok(p) => &p.evidence,
+            Err(d) => &d.evidence,
+        };
+        for rule in &evidence.audited {
+            self.metrics.authz.with_label_values(&[&rule.to_string(), "audit", "true"]).inc();
+        }
+        for (policy, would_allow) in &evidence.dry_run {
+            let action = if *would_allow { "allow" } else { "deny" };
+            self.metrics.authz.with_label_values(&[policy, action, "false"]).inc();
+        }
+        decision
+    }
+
+    pub fn handshake_failed(
+        &self,
+        direction: Direction,
+        peer: SocketAddr,
+        reason: &'static str,
+        detail: &str,
+    ) {
+        self.metrics.handshake_failures.with_label_values(&[direction.as_str(), reason]).inc();
+        info!(direction = direction.as_str(), src.addr = %peer, reason, detail, "connection refused");
+        if let Ok(mut f) = self.failures.lock() {
+            if f.len() == FAILURES_KEPT {
+                f.pop_front();
+            }
+            f.push_back(Failure { at: now_rfc3339(), direction, peer, reason, detail: detail.to_owned() });
+        }
+    }
+
+    pub fn census(&self, peer: SocketAddr) {
+        if let Ok(mut c) = self.census.lock()
+            && (c.len() < CENSUS_MAX_SOURCES || c.contains_key(&peer.ip()))
+        {
+            let e = c.entry(peer.ip()).or_insert(CensusEntry { connections: 0, last_seen: String::new() });
+            e.connections += 1;
+            e.last_seen = now_rfc3339();
+        }
+    }
+
+    pub fn failures(&self) -> Vec<Failure> {
+        self.failures.lock().map(|f| f.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn census_snapshot(&self) -> BTreeMap<IpAddr, CensusEntry> {
+        self.census.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Istio's TCP labels for a connection, in [`crate::metrics::TCP_LABELS`] order.
+    pub fn tcp_labels(
+        &self,
+        d: Direction,
+        src: Option<&SpiffeId>,
+        dst: Option<&SpiffeId>,
+        mtls: bool,
+    ) -> Vec<String> {
+        let principal = |id: Option<&SpiffeId>| id.map_or_else(|| "unknown".to_owned(), ToString::to_string);
+        let ns = |id: Option<&SpiffeId>| {
+            id.and_then(|i| i.k8s()).map_or_else(|| "unknown".to_owned(), |k| k.namespace.to_owned())
+        };
+        vec![
+            if d == Direction::Inbound { "destination" } else { "source" }.to_owned(),
+            principal(src),
+            principal(dst),
+            ns(src),
+            ns(dst),
+            if mtls { "mutual_tls" } else { "none" }.to_owned(),
+            "-".to_owned(),
+        ]
+    }
+
+    /// Counts an opened connection; `closed_now` for one refused before any byte moved.
+    pub fn record_tcp(&self, labels: &[String], _sent: u64, _recv: u64, closed_now: bool) {
+        let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+        self.metrics.tcp_opened.with_label_values(&l).inc();
+        if closed_now {
+            self.metrics.tcp_closed.with_label_values(&l).inc();
+        }
+    }
+
+    /// Counts a closed connection and its bytes (per connection, once, not per chunk).
+    pub fn finish_tcp(&self, labels: &[String], sent: u64, recv: u64) {
+        let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+        self.metrics.tcp_closed.with_label_values(&l).inc();
+        self.metrics.tcp_sent.with_label_values(&l).inc_by(sent);
+        self.metrics.tcp_received.with_label_values(&l).inc_by(recv);
+    }
+}
+
+/// The reason label and a detail line for a failed TLS handshake.
+pub fn classify_tls_error(e: &std::io::Error) -> (&'static str, String) {
+    use rustls::{CertificateError, Error as R};
+    let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<R>()) else {
+        return ("tls_error", e.to_string());
+    };
+    if let Some(svid) = keycard_config::tls::svid_error(err) {
+        let reason = match svid.rule() {
+            "san_mismatch" => "san_mismatch",
+            "trust_domain_mismatch" => "wrong_trust_domain",
+            "expired" | "not_yet_valid" => "expired",
+            "unknown_ca" => "unknown_ca",
+            _ => "bad_svid",
+        };
+        return (reason, format!("{}: {svid}", svid.rule()));
+    }
+    let reason = match err {
+        R::NoCertificatesPresented => "no_client_cert",
+        R::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
+        R::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            "expired"
+        }
+        R::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "expired",
+        R::InvalidCertificate(_) => "bad_svid",
+        R::AlertReceived(rustls::AlertDescription::CertificateRequired) => "no_client_cert",
+        R::AlertReceived(rustls::AlertDescription::UnknownCA) => "unknown_ca",
+        R::AlertReceived(rustls::AlertDescription::CertificateExpired) => "expired",
+        R::AlertReceived(rustls::AlertDescription::BadCertificate) => "bad_svid",
+        R::PeerIncompatible(_) => "incompatible",
+        _ => "tls_error",
+    };
+    (reason, err.to_string())
+}
+
+fn now_rfc3339() -> String {
+    keycard_config::certinfo::rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// Where each listener ended up (useful when the config says port 0).
+#[derive(Debug, Clone, Serialize)]
+pub struct Addrs {
+    pub inbound: Vec<(u16, SocketAddr)>,
+    pub outbound: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+/// A status line for `/config_dump` about the last policy load.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PolicyStatus {
+    pub generation: u64,
+    pub loaded_at: String,
+    pub last_error: Option<String>,
+    pub warnings: Vec<String>,
+    pub files: Vec<PathBuf>,
+}
+
+/// A bound, not yet running sidecar.
+pub struct Sidecar {
+    pub(crate) cfg: SidecarConfig,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) registry: Registry,
+    pub(crate) addrs: Addrs,
+    inbound: Vec<TcpListener>,
+    outbound: Vec<TcpListener>,
+    admin: [TcpListener; 3],
+    cert_manager: CertManager,
+    policy_tx: watch::Sender<Arc<WorkloadPolicy>>,
+    route_txs: Vec<watch::Sender<Route>>,
+    pub(crate) status: Arc<Mutex<PolicyStatus>>,
+    reload: Arc<Notify>,
+    pub(crate) log_control: Option<crate::admin::LogControl>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, SidecarError> {
+    TcpListener::bind(addr).await.map_err(|source| SidecarError::Bind { addr, source })
+}
+
+impl Sidecar {
+    /// Loads policy (an invalid policy stops the start), binds every listener, and prepares the
+    /// certificate manager. Nothing is served until [`Sidecar::run`].
+    pub async fn bind(cfg: SidecarConfig, registry: Registry) -> Result<Self, SidecarError> {
+        let id = cfg.spiffe_id()?;
+        let metrics = ProxyMetrics::register(&registry)?;
+        let set = PolicySet::load(&cfg.policy.paths)?;
+        for w in &set.warnings {
+            warn!("{w}");
+        }
+        let wp = set.for_workload(&cfg.policy.root_namespace, &cfg.workload.namespace, &cfg.workload.labels);
+        let (policy_tx, policy_rx) = watch::channel(Arc::new(wp));
+        let (cert_manager, tls) =
+            CertManager::new(cfg.identity.clone(), id.clone(), metrics.clone(), cfg.limits.watch_interval);
+        let mut inbound = Vec::new();
+        let mut in_addrs = Vec::new();
+        for p in &cfg.inbound {
+            let l = bind(p.listen).await?;
+            in_addrs.push((p.port, l.local_addr().unwrap_or(p.listen)));
+            inbound.push(l);
+        }
+        let mut outbound = Vec::new();
+        let mut route_txs = Vec::new();
+        for up in &cfg.outbound {
+            let l = bind(up.listen).await?;
+            outbound.push(l);
+            route_txs.push(watch::channel(Route::for_upstream(up, &set)).0);
+        }
+        let admin = [bind(cfg.admin).await?, bind(cfg.metrics).await?, bind(cfg.readiness).await?];
+        let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let addrs = Addrs {
+            inbound: in_addrs,
+            outbound: outbound.iter().zip(&cfg.outbound).map(|(l, u)| local(l, u.listen)).collect(),
+            admin: local(&admin[0], cfg.admin),
+            metrics: local(&admin[1], cfg.metrics),
+            readiness: local(&admin[2], cfg.readiness),
+        };
+        let shared = Arc::new(Shared {
+            id,
+            namespace: cfg.workload.namespace.clone(),
+            tls,
+            policy: policy_rx,
+            metrics,
+            limits: cfg.limits.clone(),
+            live: LiveConns::default(),
+            tracker: TaskTracker::new(),
+            drain: CancellationToken::new(),
+            slots: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            failures: Mutex::new(VecDeque::new()),
+            census: Mutex::new(BTreeMap::new()),
+        });
+        let status = PolicyStatus {
+            generation: 1,
+            loaded_at: now_rfc3339(),
+            last_error: None,
+            warnings: set.warnings.clone(),
+            files: set.files.clone(),
+        };
+        Ok(Self {
+            cfg,
+            shared,
+            registry,
+            addrs,
+            inbound,
+            outbound,
+            admin,
+            cert_manager,
+            policy_tx,
+            route_txs,
+            status: Arc::new(Mutex::new(status)),
+            reload: Arc::new(Notify::new()),
+            log_control: None,
+        })
+    }
+
+    pub fn addrs(&self) -> &Addrs {
+        &self.addrs
+    }
+
+    /// Notify this to reload policy now (what SIGHUP does).
+    pub fn reload_trigger(&self) -> Arc<Notify> {
+        self.reload.clone()
+    }
+
+    /// Lets `/logging` change the log filter.
+    pub fn set_log_control(&mut self, control: crate::admin::LogControl) {
+        self.log_control = Some(control);
+    }
+
+    /// Serves until `shutdown` completes, then drains: stops accepting, lets live connections
+    /// finish for up to `limits.drain_timeout`, closes the rest.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let stop = CancellationToken::new();
+        let shared = self.shared.clone();
+        let certs = tokio::spawn(self.cert_manager.run());
+        let mut tasks = Vec::new();
+        for (listener, port) in self.inbound.into_iter().zip(self.cfg.inbound.clone()) {
+            tasks.push(tokio::spawn(crate::inbound::serve(shared.clone(), port, listener, stop.clone())));
+        }
+        for ((listener, up), tx) in
+            self.outbound.into_iter().zip(self.cfg.outbound.clone()).zip(&self.route_txs)
+        {
+            let rx = tx.subscribe();
+            tasks.push(tokio::spawn(crate::outbound::serve(shared.clone(), up, rx, listener, stop.clone())));
+        }
+        let view = Arc::new(crate::admin::View {
+            cfg: self.cfg.clone(),
+            shared: shared.clone(),
+            registry: self.registry.clone(),
+            status: self.status.clone(),
+            log_control: self.log_control.clone(),
+        });
+        let [admin, metrics, ready] = self.admin;
+        tasks.push(tokio::spawn(crate::admin::serve(
+            admin,
+            view.clone(),
+            crate::admin::Port::Admin,
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::admin::serve(
+            metrics,
+            view.clone(),
+            crate::admin::Port::Metrics,
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::admin::serve(
+            ready,
+            view.clone(),
+            crate::admin::Port::Readiness,
+            stop.clone(),
+        )));
+        let reloader = Reloader {
+            cfg: self.cfg.clone(),
+            shared: shared.clone(),
+            policy_tx: self.policy_tx,
+            route_txs: self.route_txs,
+            status: self.status.clone(),
+        };
+        let watcher = tokio::spawn(reloader.watch(self.reload.clone()));
+
+        shutdown.await;
+        info!(live = shared.live.len(), "draining");
+        stop.cancel();
+        watcher.abort();
+        shared.tracker.close();
+        if tokio::time::timeout(shared.limits.drain_timeout, shared.tracker.wait()).await.is_err() {
+            warn!(live = shared.live.len(), "drain deadline passed; closing the rest");
+            shared.drain.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), shared.tracker.wait()).await;
+        }
+        certs.abort();
+        for t in tasks {
+            let _ = t.await;
+        }
+        info!("sidecar stopped");
+    }
+}
+
+struct Reloader {
+    cfg: SidecarConfig,
+    shared: Arc<Shared>,
+    policy_tx: watch::Sender<Arc<WorkloadPolicy>>,
+    route_txs: Vec<watch::Sender<Route>>,
+    status: Arc<Mutex<PolicyStatus>>,
+}
+
+impl Reloader {
+    /// Reloads when a policy file changes (polled) or `trigger` is notified.
+    async fn watch(self, trigger: Arc<Notify>) {
+        let mut seen = self.stamp();
+        loop {
+            tokio::select! {
+                () = trigger.notified() => {}
+                () = tokio::time::sleep(self.shared.limits.watch_interval) => {
+                    let now = self.stamp();
+                    if now == seen {
+                        continue;
+                    }
+                }
+            }
+            seen = self.stamp();
+            self.reload();
+        }
+    }
+
+    /// Paths, modification times and sizes of the policy files (directories listed afresh).
+    fn stamp(&self) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
+        let mut files = Vec::new();
+        for p in &self.cfg.policy.paths {
+            match std::fs::read_dir(p) {
+                Ok(entries) => files.extend(entries.filter_map(Result::ok).map(|e| e.path())),
+                Err(_) => files.push(p.clone()),
+            }
+        }
+        files.sort();
+        files
+            .into_iter()
+            .map(|f| {
+                let m = std::fs::metadata(&f).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+                (f, m)
+            })
+            .collect()
+    }
+
+    fn reload(&self) {
+        let set = match PolicySet::load(&self.cfg.policy.paths) {
+            Ok(set) => set,
+            Err(e) => {
+                self.shared.metrics.policy_reloads.with_label_values(&["error"]).inc();
+                warn!(error = %e, "policy reload rejected; the previous policy stays in force");
+                if let Ok(mut s) = self.status.lock() {
+                    s.last_error = Some(e.to_string());
+                }
+                return;
+            }
+        };
+        let wp = Arc::new(set.for_workload(
+            &self.cfg.policy.root_namespace,
+            &self.cfg.workload.namespace,
+            &self.cfg.workload.labels,
+        ));
+        self.policy_tx.send_replace(wp.clone());
+        for (up, tx) in self.cfg.outbound.iter().zip(&self.route_txs) {
+            tx.send_replace(Route::for_upstream(up, &set));
+        }
+        let refs = wp.authz_refs();
+        let closed = self.shared.live.close_denied(|facts| {
+            if facts.principal.is_none() && wp.peer_auth.mode_for(facts.port).mode == MtlsMode::Strict {
+                return Some("peer_authentication".to_owned());
+            }
+            crate::inbound::decide(&refs, facts).err().map(|d| d.policy_label())
+        });
+        for policy in &closed {
+            self.shared.metrics.closed_by_policy.with_label_values(&[policy]).inc();
+        }
+        self.shared.metrics.policy_reloads.with_label_values(&["success"]).inc();
+        if let Ok(mut s) = self.status.lock() {
+            s.generation += 1;
+            s.loaded_at = now_rfc3339();
+            s.last_error = None;
+            s.warnings = set.warnings.clone();
+            s.files = set.files.clone();
+        }
+        info!(closed = closed.len(), "policy reloaded");
+    }
+}
