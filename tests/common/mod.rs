@@ -1,6 +1,9 @@
 //! Helpers shared by the end-to-end tests: the built binary, a fresh CA on disk, outside tools.
+//! `mesh` builds sidecars in the test process.
 
 #![allow(dead_code)]
+
+pub mod mesh;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,438 @@
+//! The L4 sidecar end to end over real sockets: a CA, sidecars and echo apps in this process.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::mesh::*;
+use keycard_config::SpiffeId;
+use keycard_config::svid::TrustBundle;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const STRICT_MESH: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\n";
+
+fn details_policy() -> String {
+    format!(
+        "{STRICT_MESH}apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: details-viewer, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: details}}}}
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/default/sa/bookinfo-productpage\"]
+    to:
+    - operation:
+        ports: [\"9080\"]
+  - from:
+    - source:
+        namespaces: [\"trusted\"]
+"
+    )
+}
+
+struct Server {
+    run: Running,
+    _policy: tempfile::TempDir,
+}
+
+async fn details_server(pki: &Pki, policy: &str) -> Server {
+    let dir = policy_dir(policy);
+    let (a, b) = (echo().await, echo().await);
+    let run = start(config(SidecarSpec {
+        ns: "default",
+        sa: "bookinfo-details",
+        labels: &[("app", "details")],
+        identity: pki.files("default", "bookinfo-details"),
+        inbound: vec![(9080, a), (9443, b)],
+        outbound: vec![],
+        policy: Some(dir.path().to_owned()),
+    }))
+    .await;
+    Server { run, _policy: dir }
+}
+
+async fn client(
+    pki: &Pki,
+    ns: &'static str,
+    sa: &'static str,
+    upstreams: Vec<(std::net::SocketAddr, Vec<SpiffeId>)>,
+) -> Running {
+    start(config(SidecarSpec {
+        ns,
+        sa,
+        labels: &[],
+        identity: pki.files(ns, sa),
+        inbound: vec![],
+        outbound: upstreams,
+        policy: None,
+    }))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principal_namespace_and_port_decide_who_gets_through() {
+    let pki = Pki::new();
+    let server = details_server(&pki, &details_policy()).await;
+    let ups = || vec![(server.run.inbound(9080), vec![]), (server.run.inbound(9443), vec![])];
+    let productpage = client(&pki, "default", "bookinfo-productpage", ups()).await;
+    let reviews = client(&pki, "default", "bookinfo-reviews", ups()).await;
+    let tool = client(&pki, "trusted", "tool", ups()).await;
+
+    assert_eq!(
+        roundtrip(productpage.addrs.outbound[0]).await,
+        Ok(()),
+        "productpage -> 9080 allowed by principal"
+    );
+    assert!(
+        roundtrip(productpage.addrs.outbound[1]).await.is_err(),
+        "productpage -> 9443: the rule names port 9080"
+    );
+    assert!(roundtrip(reviews.addrs.outbound[0]).await.is_err(), "reviews is not allowed");
+    assert_eq!(roundtrip(tool.addrs.outbound[1]).await, Ok(()), "namespace trusted is allowed on any port");
+
+    let m = server.run.metrics();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "keycard_authz_decisions_total",
+            &["policy=\"ns[default]-policy[details-viewer]-rule[0]\"", "action=\"allow\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "keycard_authz_decisions_total",
+            &["policy=\"ns[default]-policy[details-viewer]-rule[1]\""]
+        ),
+        1.0
+    );
+    assert_eq!(metric_sum(&m, "keycard_authz_decisions_total", &["policy=\"none\"", "action=\"deny\""]), 2.0);
+    let pp = "source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\"";
+    assert!(
+        metric_sum(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[pp, "connection_security_policy=\"mutual_tls\"", "reporter=\"destination\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(metric_sum(&m, "istio_tcp_received_bytes_total", &[pp]) >= 4.0);
+    assert_eq!(metric_sum(&m, "istio_tcp_connections_closed_total", &["response_flags=\"RBAC\""]), 2.0);
+    let out = productpage.metrics();
+    assert!(
+        metric_sum(
+            &out,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"source\"",
+                "destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-details\""
+            ]
+        ) >= 1.0,
+        "{out}"
+    );
+
+    // config_dump names the effective mode per port and the policies in force.
+    let (code, dump) = http_get(server.run.addrs.admin, "/config_dump").await.unwrap();
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(v["inbound"][0]["mtls_mode"], "STRICT");
+    assert_eq!(v["inbound"][0]["mode_source"], "istio-system/default");
+    assert_eq!(v["authorization_policies"][0]["name"], "details-viewer");
+    let (_, certs) = http_get(server.run.addrs.admin, "/certs").await.unwrap();
+    let c: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(c["spiffe_id"], "spiffe://cluster.local/ns/default/sa/bookinfo-details");
+    assert_eq!(c["chain"][0]["kind"], "leaf");
+    for r in [productpage, reviews, tool, server.run] {
+        r.shutdown().await;
+    }
+}
+
+fn tls_client(
+    chain: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    bundle: Arc<TrustBundle>,
+) -> Arc<rustls::ClientConfig> {
+    let verifier = Arc::new(keycard_config::tls::SvidServerVerifier::new(bundle, vec![]));
+    let b =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+    let mut c = match chain {
+        Some((chain, key)) => b.with_client_auth_cert(chain, key).unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    c.alpn_protocols = vec![b"istio".to_vec()];
+    Arc::new(c)
+}
+
+/// TLS to `addr` with `config`, then a ping: Ok only if it is echoed.
+async fn tls_ping(addr: std::net::SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<(), String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("details").unwrap();
+    let mut s =
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    s.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await {
+        Ok(Ok(_)) if &buf == b"ping" => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+fn issue_with(
+    pki: &Pki,
+    id: &str,
+    extra_uri: Option<&str>,
+    not_after_offset: time::Duration,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let ca_dir = pki.ca_dir();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap()).unwrap();
+    let ca_cert = keycard_config::pem::certs_from_file(&ca_dir.join("ca-cert.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(&ca_cert[0], ca_key).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let id = SpiffeId::parse(id).unwrap();
+    let mut params = keycard_ca::profile::leaf(
+        &id,
+        time::Duration::hours(1),
+        now,
+        now + time::Duration::days(1),
+        &Default::default(),
+    )
+    .unwrap();
+    if let Some(u) = extra_uri {
+        params.subject_alt_names.push(rcgen::SanType::URI(u.to_owned().try_into().unwrap()));
+    }
+    params.not_after = now + not_after_offset;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = params.signed_by(&key, &issuer).unwrap();
+    let key_der = keycard_config::pem::key_from_pem(key.serialize_pem().as_bytes(), "k").unwrap();
+    (vec![leaf.der().clone(), ca_cert[0].clone()], key_der)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_refuses_plaintext_certless_and_bad_certificates_with_reasons() {
+    let pki = Pki::new();
+    let allow_all = format!(
+        "{STRICT_MESH}apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: all, namespace: default}}\nspec: {{rules: [{{}}]}}\n"
+    );
+    let server = details_server(&pki, &allow_all).await;
+    let port = server.run.inbound(9080);
+    let bundle = pki.ca.authority.bundle().clone();
+
+    // Plaintext never reaches the app.
+    let mut s = TcpStream::connect(port).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+
+    let good = issue_with(&pki, "spiffe://cluster.local/ns/default/sa/ok", None, time::Duration::hours(1));
+    assert_eq!(
+        tls_ping(port, tls_client(Some(good), bundle.clone())).await,
+        Ok(()),
+        "a valid SVID gets through"
+    );
+    assert!(tls_ping(port, tls_client(None, bundle.clone())).await.is_err(), "no client certificate");
+    let expired =
+        issue_with(&pki, "spiffe://cluster.local/ns/default/sa/old", None, -time::Duration::minutes(1));
+    assert!(tls_ping(port, tls_client(Some(expired), bundle.clone())).await.is_err());
+    let stranger = Pki::new();
+    let foreign =
+        issue_with(&stranger, "spiffe://cluster.local/ns/default/sa/x", None, time::Duration::hours(1));
+    assert!(tls_ping(port, tls_client(Some(foreign), bundle.clone())).await.is_err());
+    let other_td = issue_with(&pki, "spiffe://evil.example/ns/default/sa/x", None, time::Duration::hours(1));
+    assert!(tls_ping(port, tls_client(Some(other_td), bundle.clone())).await.is_err());
+    let two = issue_with(
+        &pki,
+        "spiffe://cluster.local/ns/default/sa/a",
+        Some("spiffe://cluster.local/ns/default/sa/b"),
+        time::Duration::hours(1),
+    );
+    assert!(tls_ping(port, tls_client(Some(two), bundle.clone())).await.is_err());
+
+    let m = server.run.metrics();
+    for reason in
+        ["plaintext_in_strict", "no_client_cert", "expired", "unknown_ca", "wrong_trust_domain", "bad_svid"]
+    {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("keycard_handshake_failures_total{{direction=\"inbound\",reason=\"{reason}\"}}")
+            ),
+            1.0,
+            "{reason}: {m}"
+        );
+    }
+    let (_, failures) = http_get(server.run.addrs.admin, "/debug/handshake_failures").await.unwrap();
+    let f: serde_json::Value = serde_json::from_str(&failures).unwrap();
+    assert_eq!(f.as_array().unwrap().len(), 6);
+    assert!(failures.contains("multiple_uri_sans"), "{failures}");
+    server.run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_serves_both_disable_is_plaintext_and_modes_are_per_port() {
+    let pki = Pki::new();
+    let policy = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: details, namespace: default}\nspec:\n  selector: {matchLabels: {app: details}}\n  mtls: {mode: PERMISSIVE}\n  portLevelMtls:\n    9443: {mode: DISABLE}\n";
+    let server = details_server(&pki, policy).await;
+    let pp = client(
+        &pki,
+        "default",
+        "productpage",
+        vec![(server.run.inbound(9080), vec![]), (server.run.inbound(9443), vec![])],
+    )
+    .await;
+
+    assert_eq!(roundtrip(server.run.inbound(9080)).await, Ok(()), "PERMISSIVE: plaintext served");
+    assert_eq!(roundtrip(pp.addrs.outbound[0]).await, Ok(()), "PERMISSIVE: mTLS served");
+    assert_eq!(roundtrip(server.run.inbound(9443)).await, Ok(()), "DISABLE: plaintext served");
+    assert!(roundtrip(pp.addrs.outbound[1]).await.is_err(), "DISABLE: the sidecar does not terminate TLS");
+
+    let m = server.run.metrics();
+    assert_eq!(metric(&m, "keycard_plaintext_connections_total{port=\"9080\"}"), 1.0, "{m}");
+    assert_eq!(metric(&m, "keycard_plaintext_connections_total{port=\"9443\"}"), 2.0);
+    assert!(
+        metric_sum(&m, "istio_tcp_connections_opened_total", &["connection_security_policy=\"none\""]) >= 2.0
+    );
+    assert!(
+        metric_sum(&m, "istio_tcp_connections_opened_total", &["connection_security_policy=\"mutual_tls\""])
+            >= 1.0
+    );
+    let (_, census) = http_get(server.run.addrs.admin, "/debug/plaintext_sources").await.unwrap();
+    assert!(census.contains("127.0.0.1"), "{census}");
+    let (_, dump) = http_get(server.run.addrs.admin, "/config_dump").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(v["inbound"][1]["mtls_mode"], "DISABLE");
+    assert_eq!(v["inbound"][1]["mode_source"], "default/details:9443");
+    pp.shutdown().await;
+    server.run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_naming_refuses_an_impostor_server() {
+    let pki = Pki::new();
+    let server = details_server(&pki, STRICT_MESH.trim_end_matches("---\n")).await;
+    let expect_reviews = vec![Pki::id("default", "bookinfo-reviews")];
+    let expect_details = vec![Pki::id("default", "bookinfo-details")];
+    let pp = client(
+        &pki,
+        "default",
+        "productpage",
+        vec![(server.run.inbound(9080), expect_reviews), (server.run.inbound(9080), expect_details)],
+    )
+    .await;
+    assert!(roundtrip(pp.addrs.outbound[0]).await.is_err(), "details answering for reviews is an impostor");
+    assert_eq!(roundtrip(pp.addrs.outbound[1]).await, Ok(()));
+    let m = pp.metrics();
+    assert_eq!(
+        metric(&m, "keycard_handshake_failures_total{direction=\"outbound\",reason=\"san_mismatch\"}"),
+        1.0,
+        "{m}"
+    );
+    let (_, failures) = http_get(pp.addrs.admin, "/debug/handshake_failures").await.unwrap();
+    assert!(
+        failures.contains("expected spiffe://cluster.local/ns/default/sa/bookinfo-reviews"),
+        "{failures}"
+    );
+    assert!(failures.contains("bookinfo-details"), "the log names what was presented: {failures}");
+    pp.shutdown().await;
+    server.run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_closes_a_denied_live_connection_and_a_broken_file_keeps_the_old_policy() {
+    let pki = Pki::new();
+    let allow_pp = details_policy();
+    let server = details_server(&pki, &allow_pp).await;
+    let pp = client(&pki, "default", "bookinfo-productpage", vec![(server.run.inbound(9080), vec![])]).await;
+    let mut live = TcpStream::connect(pp.addrs.outbound[0]).await.unwrap();
+    assert_eq!(exchange(&mut live, b"one").await, Ok(()));
+
+    // A broken file: rejected, counted, the old policy stays and the live connection too.
+    let policy_file = server._policy.path().join("policy.yaml");
+    std::fs::write(&policy_file, format!("{allow_pp}  - bogus: [\n")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.run.metric("keycard_policy_reloads_total{result=\"error\"}") < 1.0 {
+        assert!(Instant::now() < deadline, "the broken policy was never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(exchange(&mut live, b"two").await, Ok(()));
+    assert_eq!(roundtrip(pp.addrs.outbound[0]).await, Ok(()), "new connections still follow the old policy");
+    let (_, dump) = http_get(server.run.addrs.admin, "/config_dump").await.unwrap();
+    assert!(dump.contains("policy.yaml:"), "config_dump shows the rejected file's error: {dump}");
+
+    // Now deny productpage: the live connection is closed and counted.
+    std::fs::write(&policy_file, format!("{STRICT_MESH}apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-pp, namespace: default}}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/bookinfo-productpage\"]\n")).unwrap();
+    assert!(closed_within(&mut live, Duration::from_secs(5)).await, "the now-denied connection stays open");
+    assert_eq!(
+        server.run.metric(
+            "keycard_connections_closed_by_policy_total{policy=\"ns[default]-policy[deny-pp]-rule[0]\"}"
+        ),
+        1.0
+    );
+    assert!(roundtrip(pp.addrs.outbound[0]).await.is_err());
+    pp.shutdown().await;
+    server.run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_is_closed_at_the_handshake_deadline() {
+    let pki = Pki::new();
+    let server = details_server(&pki, STRICT_MESH.trim_end_matches("---\n")).await;
+    let mut s = TcpStream::connect(server.run.inbound(9080)).await.unwrap();
+    let started = Instant::now();
+    // A TLS record header, then one byte every 200 ms: never a full ClientHello.
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await.unwrap();
+    let mut closed = false;
+    for _ in 0..50 {
+        if s.write_all(&[0x01]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 8];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "still open after {:?}", started.elapsed());
+    assert!(
+        server.run.metric("keycard_handshake_failures_total{direction=\"inbound\",reason=\"timeout\"}")
+            >= 1.0
+    );
+    server.run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_and_counted() {
+    let pki = Pki::new();
+    let dir = policy_dir("");
+    let app = echo().await;
+    let mut cfg = config(SidecarSpec {
+        ns: "default",
+        sa: "capped",
+        labels: &[],
+        identity: pki.files("default", "capped"),
+        inbound: vec![(9080, app)],
+        outbound: vec![],
+        policy: Some(dir.path().to_owned()),
+    });
+    cfg.limits.max_connections = 2;
+    let run = start(cfg).await;
+    let mut a = TcpStream::connect(run.inbound(9080)).await.unwrap();
+    let mut b = TcpStream::connect(run.inbound(9080)).await.unwrap();
+    assert_eq!(exchange(&mut a, b"a").await, Ok(()));
+    assert_eq!(exchange(&mut b, b"b").await, Ok(()));
+    let mut c = TcpStream::connect(run.inbound(9080)).await.unwrap();
+    assert!(closed_within(&mut c, Duration::from_secs(5)).await);
+    assert_eq!(run.metric("keycard_connections_refused_total{reason=\"overloaded\"}"), 1.0);
+    drop((a, b));
+    run.shutdown().await;
+}

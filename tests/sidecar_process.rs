@@ -1,0 +1,144 @@
+//! `keycard proxy` as a process: JSON access log lines, SIGHUP reload, and drain on SIGTERM
+//! (live connections finish, new ones are refused, the process exits).
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::mesh::*;
+use common::{TempCa, keycard, path};
+use tokio::net::TcpStream;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn signal(child: &Child, sig: &str) {
+    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_logs_access_as_json_reloads_on_sighup_and_drains_on_sigterm() {
+    let ca = TempCa::new("cluster.local");
+    let certs = ca.issue("default", "details", &[]);
+    let app = echo().await;
+    let dir = ca.tmp.path();
+    let policies = dir.join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("pa.yaml"), "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: PERMISSIVE}}\n").unwrap();
+    let (inbound, admin, metrics, ready) = (free_port(), free_port(), free_port(), free_port());
+    let cfg = format!(
+        "workload: {{trust_domain: cluster.local, namespace: default, service_account: details}}
+identity:
+  files: {{cert: {c}, key: {k}, bundle: {b}}}
+inbound:
+  - {{port: 9080, listen: 127.0.0.1:{inbound}, app: {app}}}
+policy: {{paths: [policies]}}
+admin: 127.0.0.1:{admin}
+metrics: 127.0.0.1:{metrics}
+readiness: 127.0.0.1:{ready}
+limits: {{drain_timeout: 3s, watch_interval: 1h}}
+",
+        c = path(&certs.join("cert.pem")),
+        k = path(&certs.join("key.pem")),
+        b = path(&ca.bundle()),
+    );
+    let cfg_path = dir.join("sidecar.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let mut child = keycard()
+        .args(["--log-format", "json", "proxy", "--config", path(&cfg_path)])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let proc = Proc(child);
+    wait_ready(format!("127.0.0.1:{ready}").parse().unwrap()).await;
+    let inbound_addr: std::net::SocketAddr = format!("127.0.0.1:{inbound}").parse().unwrap();
+
+    // One plaintext connection (PERMISSIVE), closed: one access line in JSON.
+    assert_eq!(roundtrip(inbound_addr).await, Ok(()));
+    let access = wait_line(&lines, |v| v["message"] == "access" && v["reason"] == "closed");
+    assert_eq!(access["direction"], "inbound");
+    assert_eq!(access["mtls"], false);
+    assert_eq!(access["decision"], "allow");
+    assert_eq!(access["src.identity"], "-");
+    assert_eq!(access["dst.identity"], "spiffe://cluster.local/ns/default/sa/details");
+    assert_eq!(access["bytes_recv"], 4);
+    assert_eq!(access["bytes_sent"], 4);
+    assert!(access["duration_ms"].is_u64());
+
+    // SIGHUP reloads (the file watch is off: watch_interval 1h). Now STRICT: plaintext refused.
+    std::fs::write(policies.join("pa.yaml"), "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n").unwrap();
+    signal(&proc.0, "-HUP");
+    wait_line(&lines, |v| v["message"] == "policy reloaded");
+    assert!(roundtrip(inbound_addr).await.is_err(), "STRICT after SIGHUP");
+    let (_, text) =
+        http_get(format!("127.0.0.1:{metrics}").parse().unwrap(), "/stats/prometheus").await.unwrap();
+    assert!(
+        text.contains(
+            "keycard_handshake_failures_total{direction=\"inbound\",reason=\"plaintext_in_strict\"} 1"
+        ),
+        "{text}"
+    );
+
+    // Back to PERMISSIVE, open a long-lived connection, then SIGTERM.
+    std::fs::write(policies.join("pa.yaml"), "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: PERMISSIVE}}\n").unwrap();
+    signal(&proc.0, "-HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut live = TcpStream::connect(inbound_addr).await.unwrap();
+    assert_eq!(exchange(&mut live, b"before").await, Ok(()));
+    signal(&proc.0, "-TERM");
+    wait_line(&lines, |v| v["message"] == "draining");
+    assert_eq!(
+        exchange(&mut live, b"during").await,
+        Ok(()),
+        "a live connection keeps working while draining"
+    );
+    assert!(
+        TcpStream::connect(inbound_addr).await.is_err() || roundtrip(inbound_addr).await.is_err(),
+        "no new connections"
+    );
+    let mut proc = proc;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = proc.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the sidecar did not exit after its drain deadline");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(closed_within(&mut live, Duration::from_secs(2)).await, "the drain deadline closes what is left");
+}
+
+fn wait_line(lines: &mpsc::Receiver<String>, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).expect("the expected log line never came");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && want(&v)
+        {
+            return v;
+        }
+    }
+}
