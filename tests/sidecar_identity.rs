@@ -99,6 +99,8 @@ async fn certificates_renew_under_continuous_traffic_with_no_failed_connection()
     let (_, certs) = http_get(client.addrs.admin, "/certs").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&certs).unwrap();
     assert!(v["expires_in_seconds"].as_i64().unwrap() <= 4);
+    let renews_in = v["renews_in_seconds"].as_i64().unwrap();
+    assert!((-1..=3).contains(&renews_in), "renewal is due at about half of 4 s, not {renews_in}");
     client.shutdown().await;
     server.shutdown().await;
 }

@@ -436,3 +436,124 @@ async fn connections_beyond_the_cap_are_closed_and_counted() {
     drop((a, b));
     run.shutdown().await;
 }
+
+/// A TLS echo server outside the mesh, with a certificate for `external.example` from its own CA.
+async fn external_tls_server(dir: &std::path::Path) -> (std::net::SocketAddr, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "external test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["external.example".to_owned()])
+        .unwrap()
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let ca_path = dir.join("external-ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let key_der = keycard_config::pem::key_from_pem(key.serialize_pem().as_bytes(), "k").unwrap();
+    let config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key_der)
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(s) = acceptor.accept(tcp).await {
+                    let (mut r, mut w) = tokio::io::split(s);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    (addr, ca_path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_rules_choose_plaintext_simple_tls_or_the_expected_identity() {
+    let pki = Pki::new();
+    let server = details_server(&pki, "").await;
+    let plain = echo().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (external, ca_path) = external_tls_server(tmp.path()).await;
+    let rules = format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: legacy, namespace: default}}
+spec:
+  host: legacy.default.svc.cluster.local
+  trafficPolicy: {{tls: {{mode: DISABLE}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: external, namespace: default}}
+spec:
+  host: external.example
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {ca}, sni: external.example}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: details, namespace: default}}
+spec:
+  host: details.default.svc.cluster.local
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 9080}}
+      tls:
+        mode: ISTIO_MUTUAL
+        subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\"]
+",
+        ca = ca_path.display()
+    );
+    let dir = policy_dir(&rules);
+    let set = keycard_config::policy::PolicySet::load(&[dir.path().to_owned()]).unwrap();
+    assert_eq!(set.dest_tls.len(), 3, "{:?}", set.dest_tls);
+    let mut cfg = config(SidecarSpec {
+        ns: "default",
+        sa: "productpage",
+        labels: &[],
+        identity: pki.files("default", "productpage"),
+        inbound: vec![],
+        outbound: vec![
+            (plain, vec![]),
+            (external, vec![]),
+            (server.run.inbound(9080), vec![]),
+            (server.run.inbound(9443), vec![]),
+        ],
+        policy: Some(dir.path().to_owned()),
+    });
+    cfg.outbound[0].host = Some("legacy.default.svc.cluster.local".into());
+    cfg.outbound[1].host = Some("external.example".into());
+    cfg.outbound[2].host = Some("details.default.svc.cluster.local".into());
+    cfg.outbound[2].port = Some(9080);
+    cfg.outbound[3].host = Some("details.default.svc.cluster.local".into());
+    cfg.outbound[3].port = Some(9443);
+    let pp = start(cfg).await;
+    assert_eq!(roundtrip(pp.addrs.outbound[0]).await, Ok(()), "DISABLE: plaintext to a non-mesh server");
+    let simple = roundtrip(pp.addrs.outbound[1]).await;
+    let (_, failures) = http_get(pp.addrs.admin, "/debug/handshake_failures").await.unwrap();
+    assert_eq!(simple, Ok(()), "SIMPLE: TLS verified with the rule's CA; failures: {failures}");
+    assert!(roundtrip(pp.addrs.outbound[2]).await.is_err(), "port 9080's SANs name reviews, details answers");
+    assert_eq!(
+        roundtrip(pp.addrs.outbound[3]).await,
+        Ok(()),
+        "no port-level rule for 9443: any mesh identity"
+    );
+    let m = pp.metrics();
+    assert_eq!(
+        metric(&m, "keycard_handshake_failures_total{direction=\"outbound\",reason=\"san_mismatch\"}"),
+        1.0,
+        "{m}"
+    );
+    pp.shutdown().await;
+    server.run.shutdown().await;
+}

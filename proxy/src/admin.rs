@@ -114,6 +114,10 @@ fn certs(view: &View) -> serde_json::Value {
             "loaded": true,
             "spiffe_id": t.id,
             "expires_in_seconds": t.expires_in(now.unix_timestamp()),
+            "renews_in_seconds": match t.renew_at.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => None,
+                at => Some(at - now.unix_timestamp()),
+            },
             "chain": certinfo::describe_all(&t.chain, now).unwrap_or_default(),
             "trust_bundle": certinfo::describe_all(t.bundle.roots(), now).unwrap_or_default(),
         }),

@@ -26,6 +26,8 @@ pub struct Route {
     pub mode: ClientTlsMode,
     pub expected: Vec<SpiffeId>,
     pub sni: Option<String>,
+    /// For `SIMPLE` / `MUTUAL`: the config built from the DestinationRule's files, or why not.
+    pub external: Option<Result<Arc<ClientConfig>, String>>,
 }
 
 impl Route {
@@ -38,12 +40,39 @@ impl Route {
             dr.map(|d| d.subject_alt_names.iter().filter_map(|s| SpiffeId::parse(s).ok()).collect())
                 .unwrap_or_default()
         };
-        Self {
-            mode: dr.map_or(ClientTlsMode::IstioMutual, |d| d.mode),
-            expected,
-            sni: dr.and_then(|d| d.sni.clone()).or_else(|| up.host.clone()),
-        }
+        let mode = dr.map_or(ClientTlsMode::IstioMutual, |d| d.mode);
+        let external = match (mode, dr) {
+            (ClientTlsMode::Simple | ClientTlsMode::Mutual, Some(d)) => Some(external_config(d)),
+            _ => None,
+        };
+        Self { mode, expected, sni: dr.and_then(|d| d.sni.clone()).or_else(|| up.host.clone()), external }
     }
+}
+
+/// TLS to a destination outside the mesh (`SIMPLE`), optionally with a client certificate
+/// (`MUTUAL`), verified by WebPKI against the DestinationRule's `caCertificates`.
+fn external_config(d: &keycard_config::policy::DestTls) -> Result<Arc<ClientConfig>, String> {
+    use keycard_config::pem::{certs_from_file, key_from_file};
+    let ca = d.ca_certificates.as_ref().ok_or("SIMPLE/MUTUAL needs caCertificates")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs_from_file(std::path::Path::new(ca)).map_err(|e| e.to_string())? {
+        roots.add(cert).map_err(|e| format!("{ca}: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match (d.mode, &d.client_certificate, &d.private_key) {
+        (ClientTlsMode::Mutual, Some(cert), Some(key)) => {
+            let chain = certs_from_file(std::path::Path::new(cert)).map_err(|e| e.to_string())?;
+            let key = key_from_file(std::path::Path::new(key)).map_err(|e| e.to_string())?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
+        }
+        (ClientTlsMode::Mutual, _, _) => return Err("MUTUAL needs clientCertificate and privateKey".into()),
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }
 
 /// Client configs are built once per certificate and route, not per connection.
@@ -128,18 +157,29 @@ async fn handle(
         log(peer, up, None, false, end_reason(t.end), "", t.forward, t.backward, started);
         return;
     }
-    let Some(tls) = shared.tls.borrow().clone() else {
-        shared.handshake_failed(
-            Direction::Outbound,
-            peer,
-            "no_certificate_loaded",
-            "this sidecar has no certificate yet",
-        );
-        return;
-    };
-    let Some(config) = client_config(cache, &tls, &route.expected) else {
-        shared.handshake_failed(Direction::Outbound, peer, "config", "cannot build the client TLS config");
-        return;
+    let config = match &route.external {
+        Some(Ok(config)) => config.clone(),
+        Some(Err(e)) => {
+            shared.handshake_failed(Direction::Outbound, peer, "config", e);
+            return;
+        }
+        None => {
+            let Some(tls) = shared.tls.borrow().clone() else {
+                let detail = "this sidecar has no certificate yet";
+                shared.handshake_failed(Direction::Outbound, peer, "no_certificate_loaded", detail);
+                return;
+            };
+            let Some(config) = client_config(cache, &tls, &route.expected) else {
+                shared.handshake_failed(
+                    Direction::Outbound,
+                    peer,
+                    "config",
+                    "cannot build the client TLS config",
+                );
+                return;
+            };
+            config
+        }
     };
     let name = route
         .sni
@@ -170,13 +210,14 @@ async fn handle(
         }
     };
     let server_id = peer_identity(stream.get_ref().1.peer_certificates());
-    let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), true);
+    let mtls = route.external.is_none();
+    let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), mtls);
     shared.record_tcp(&labels, 0, 0, false);
     shared.metrics.active.inc();
     let t = forward::pipe(app, stream, limits.idle_timeout, cancel).await;
     shared.metrics.active.dec();
     shared.finish_tcp(&labels, t.forward, t.backward);
-    log(peer, up, server_id.as_ref(), true, end_reason(t.end), "", t.forward, t.backward, started);
+    log(peer, up, server_id.as_ref(), mtls, end_reason(t.end), "", t.forward, t.backward, started);
 }
 
 fn end_reason(end: End) -> &'static str {

@@ -43,6 +43,9 @@ pub struct MeshTls {
     pub not_after: i64,
     pub bundle: Arc<TrustBundle>,
     pub server: Arc<ServerConfig>,
+    /// When the certificate manager will renew this certificate (unix seconds); 0 when it is
+    /// not renewed by keycard (static files).
+    pub renew_at: std::sync::atomic::AtomicI64,
     certified: Arc<CertifiedKey>,
 }
 
@@ -79,6 +82,7 @@ impl MeshTls {
             not_after: svid.not_after,
             bundle,
             server: Arc::new(server),
+            renew_at: std::sync::atomic::AtomicI64::new(0),
             certified,
         })
     }

@@ -109,8 +109,11 @@ impl CertManager {
         let mut backoff = BACKOFF_START;
         let mut bundle_stamp = None;
         let mut bundle: Option<Arc<TrustBundle>> = None;
-        // Renewal counts from when we received the certificate: NotBefore is backdated for skew.
-        let mut received = 0;
+        // Renewal counts from when we received the certificate (NotBefore is backdated for
+        // skew), jitter drawn once per certificate.
+        let mut due = 0;
+        // After a failure, the next attempt waits for this; bundle and expiry checks go on meanwhile.
+        let mut retry_at = tokio::time::Instant::now();
         loop {
             // The bundle first: the CA client needs it, and a changed one rebuilds our configs.
             let stamp = stamps(&[bundle_path.to_owned()]);
@@ -122,7 +125,10 @@ impl CertManager {
                         if let Some(cur) = current {
                             match MeshTls::build(cur.chain.clone(), cur.key.clone_key(), b.clone(), &self.id)
                             {
-                                Ok(tls) => self.publish(Some(tls)),
+                                Ok(tls) => {
+                                    tls.renew_at.store(due, std::sync::atomic::Ordering::Relaxed);
+                                    self.publish(Some(tls));
+                                }
                                 Err(e) => {
                                     warn!(error = %e, "new trust bundle does not verify our certificate; keeping the old bundle")
                                 }
@@ -139,7 +145,14 @@ impl CertManager {
             };
             self.expire_if_due();
             let current = self.tx.borrow().clone();
-            let due = current.as_ref().map_or(0, |c| renew_at(received, c.not_after));
+            if current.is_none() {
+                due = 0;
+            }
+            let backing_off = retry_at.saturating_duration_since(tokio::time::Instant::now());
+            if !backing_off.is_zero() {
+                tokio::time::sleep(backing_off.min(self.poll)).await;
+                continue;
+            }
             if now() < due {
                 // Wake for the renewal time or the next bundle check, whichever is first.
                 let wait = Duration::from_secs(u64::try_from(due - now()).unwrap_or(0)).min(self.poll);
@@ -149,7 +162,8 @@ impl CertManager {
             match self.fetch(url, token_file, &b, ttl, current.as_deref()).await {
                 Ok(tls) => {
                     self.metrics.renewals.with_label_values(&["success"]).inc();
-                    received = now();
+                    due = renew_at(now(), tls.not_after);
+                    tls.renew_at.store(due, std::sync::atomic::Ordering::Relaxed);
                     self.publish(Some(tls));
                     backoff = BACKOFF_START;
                 }
@@ -157,7 +171,7 @@ impl CertManager {
                     self.metrics.renewals.with_label_values(&["failure"]).inc();
                     let wait = jitter(backoff, 0.2);
                     warn!(error = %e, retry_in = ?wait, "certificate request failed; keeping the current certificate");
-                    tokio::time::sleep(wait).await;
+                    retry_at = tokio::time::Instant::now() + wait;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
