@@ -96,7 +96,7 @@ async fn handle(shared: &Shared, port: &InboundPort, tcp: TcpStream, peer: Socke
             port: port.port,
             sni: None,
         };
-        proxy_to_app(shared, port, tcp, facts, peer, started).await;
+        proxy_to_app(shared, port, Downstream::<TcpStream>::Plain(tcp), facts, peer, started).await;
         return;
     }
     let Some(tls) = shared.tls.borrow().clone() else {
@@ -131,13 +131,19 @@ async fn handle(shared: &Shared, port: &InboundPort, tcp: TcpStream, peer: Socke
     let sni = conn.server_name().map(str::to_owned);
     let facts =
         ConnFacts { source_ip: peer.ip(), principal, destination_ip: local.ip(), port: port.port, sni };
-    proxy_to_app(shared, port, stream, facts, peer, started).await;
+    proxy_to_app(shared, port, Downstream::Tls(stream), facts, peer, started).await;
+}
+
+/// The downstream leg: plaintext TCP (spliced to the app) or a terminated TLS stream (copied).
+enum Downstream<S> {
+    Plain(TcpStream),
+    Tls(S),
 }
 
 async fn proxy_to_app<S>(
     shared: &Shared,
     port: &InboundPort,
-    downstream: S,
+    downstream: Downstream<S>,
     facts: ConnFacts,
     peer: SocketAddr,
     started: Instant,
@@ -181,7 +187,11 @@ async fn proxy_to_app<S>(
     let _registration = shared.live.register(facts.clone(), cancel.clone());
     shared.record_tcp(&labels, 0, 0, false);
     shared.metrics.active.inc();
-    let totals = forward::pipe(downstream, app, shared.limits.idle_timeout, cancel).await;
+    let idle = shared.limits.idle_timeout;
+    let totals = match downstream {
+        Downstream::Plain(tcp) => forward::splice_pipe(tcp, app, idle, cancel).await,
+        Downstream::Tls(tls) => forward::pipe(tls, app, idle, cancel).await,
+    };
     shared.metrics.active.dec();
     let reason = match totals.end {
         End::Done => "closed",

@@ -152,7 +152,7 @@ async fn handle(
     if route.mode == ClientTlsMode::Disable {
         let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
         shared.record_tcp(&labels, 0, 0, false);
-        let t = forward::pipe(app, remote, limits.idle_timeout, cancel).await;
+        let t = forward::splice_pipe(app, remote, limits.idle_timeout, cancel).await;
         shared.finish_tcp(&labels, t.forward, t.backward);
         log(peer, up, None, false, end_reason(t.end), "", t.forward, t.backward, started);
         return;
