@@ -21,25 +21,12 @@ use crate::sidecar::{Direction, Shared};
 use crate::tls::{MESH_ALPNS, peer_identity};
 
 pub async fn serve(shared: Arc<Shared>, port: InboundPort, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(permit) = shared.admit() else { continue };
-        let (shared2, port2) = (shared.clone(), port.clone());
-        shared.tracker.spawn(async move {
-            let _permit = permit;
-            handle(&shared2, &port2, tcp, peer).await;
-        });
-    }
+    let port = Arc::new(port);
+    crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
+        let (shared, port) = (shared.clone(), port.clone());
+        async move { handle(&shared, &port, tcp, peer).await }
+    })
+    .await;
 }
 
 async fn handle(shared: &Shared, port: &InboundPort, tcp: TcpStream, peer: SocketAddr) {
@@ -49,42 +36,34 @@ async fn handle(shared: &Shared, port: &InboundPort, tcp: TcpStream, peer: Socke
     let policy = shared.policy.borrow().clone();
     let mode = policy.peer_auth.mode_for(port.port);
     let limits = &shared.limits;
-    let terminate = match mode.mode {
-        MtlsMode::Disable => false,
-        MtlsMode::Strict => match detect::detect(&tcp, limits.detect_timeout).await {
-            Detected::Tls(_) => true,
-            Detected::Plaintext => {
-                shared.handshake_failed(
-                    Direction::Inbound,
-                    peer,
-                    "plaintext_in_strict",
-                    "plaintext on a STRICT port",
-                );
-                return;
-            }
-            Detected::Nothing => {
-                shared.handshake_failed(
-                    Direction::Inbound,
-                    peer,
-                    "timeout",
-                    "no bytes before the detection deadline",
-                );
-                return;
-            }
-        },
-        MtlsMode::Permissive | MtlsMode::Unset => match detect::detect(&tcp, limits.detect_timeout).await {
-            Detected::Tls(hello) => hello.alpn.iter().any(|a| MESH_ALPNS.contains(&a.as_slice())),
-            Detected::Plaintext => false,
-            Detected::Nothing => {
-                shared.handshake_failed(
-                    Direction::Inbound,
-                    peer,
-                    "timeout",
-                    "no bytes before the detection deadline",
-                );
-                return;
-            }
-        },
+    let detected = match mode.mode {
+        MtlsMode::Disable => Detected::Plaintext,
+        _ => detect::detect(&tcp, limits.detect_timeout).await,
+    };
+    let terminate = match (mode.mode, detected) {
+        (MtlsMode::Disable, _) => false,
+        (_, Detected::Nothing) => {
+            shared.handshake_failed(
+                Direction::Inbound,
+                peer,
+                "timeout",
+                "no bytes before the detection deadline",
+            );
+            return;
+        }
+        (MtlsMode::Strict, Detected::Plaintext) => {
+            shared.handshake_failed(
+                Direction::Inbound,
+                peer,
+                "plaintext_in_strict",
+                "plaintext on a STRICT port",
+            );
+            return;
+        }
+        (MtlsMode::Strict, Detected::Tls(_)) => true,
+        // PERMISSIVE: only mesh TLS (by ALPN) is ours to terminate; the rest goes to the app as is.
+        (_, Detected::Tls(hello)) => hello.alpn.iter().any(|a| MESH_ALPNS.contains(&a.as_slice())),
+        (_, Detected::Plaintext) => false,
     };
     if !terminate {
         shared.metrics.plaintext.with_label_values(&[&port.port.to_string()]).inc();

@@ -89,26 +89,12 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let cache = Arc::new(Mutex::new(ConfigCache { built_for: None, config: None }));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(permit) = shared.admit() else { continue };
-        let (shared2, up2, route, cache) =
-            (shared.clone(), up.clone(), route.borrow().clone(), cache.clone());
-        shared.tracker.spawn(async move {
-            let _permit = permit;
-            handle(&shared2, &up2, &route, &cache, tcp, peer).await;
-        });
-    }
+    crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
+        // The route in force when the connection arrives; a reload changes later ones.
+        let (shared, up, route, cache) = (shared.clone(), up.clone(), route.borrow().clone(), cache.clone());
+        async move { handle(&shared, &up, &route, &cache, tcp, peer).await }
+    })
+    .await;
 }
 
 fn client_config(

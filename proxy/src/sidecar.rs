@@ -199,6 +199,39 @@ impl Shared {
     }
 }
 
+/// Accepts until `stop`, admitting each connection under the cap and running `handle` for it as
+/// a tracked task (so a drain can wait for it).
+pub async fn accept_loop<F, Fut>(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors and the like: back off a little, keep the listener.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(permit) = shared.admit() else { continue };
+        let work = handle(tcp, peer);
+        shared.tracker.spawn(async move {
+            let _permit = permit;
+            work.await;
+        });
+    }
+}
+
 /// The reason label and a detail line for a failed TLS handshake.
 pub fn classify_tls_error(e: &std::io::Error) -> (&'static str, String) {
     use rustls::{CertificateError, Error as R};
