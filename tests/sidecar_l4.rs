@@ -557,3 +557,90 @@ spec:
     pp.shutdown().await;
     server.run.shutdown().await;
 }
+
+/// A ClientHello as rustls writes it for `alpn`, to send over a plain socket.
+fn client_hello(alpn: &[u8]) -> Vec<u8> {
+    let roots = rustls::RootCertStore::empty();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("app.example").unwrap())
+            .unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_passes_non_mesh_tls_to_the_app_untouched() {
+    let pki = Pki::new();
+    let server = details_server(&pki, "").await;
+    // ALPN h2: someone else's TLS. The echo app gets the ClientHello byte for byte.
+    let hello = client_hello(b"h2");
+    let mut s = TcpStream::connect(server.run.inbound(9080)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    let mut back = vec![0u8; hello.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(back, hello, "passed through untouched");
+    // ALPN istio: mesh traffic, terminated by the sidecar (a ServerHello comes back, not an echo).
+    let hello = client_hello(b"istio");
+    let mut s = TcpStream::connect(server.run.inbound(9080)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    let mut first = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut first)).await.unwrap().unwrap();
+    assert_eq!(first[0], 0x16, "a TLS handshake record");
+    assert_ne!(&first[..], &hello[..6], "not our own bytes echoed");
+    server.run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_root_added_to_the_bundle_file_is_trusted_without_restart() {
+    let pki = Pki::new();
+    let server = details_server(&pki, STRICT_MESH.trim_end_matches("---\n")).await;
+    let next = Pki::new();
+    let from_next =
+        issue_with(&next, "spiffe://cluster.local/ns/default/sa/rotated", None, time::Duration::hours(1));
+    let both = {
+        let mut roots = pki.ca.authority.bundle().roots().to_vec();
+        roots.extend(next.ca.authority.bundle().roots().iter().cloned());
+        Arc::new(
+            TrustBundle::new(keycard_config::TrustDomain::parse("cluster.local").unwrap(), roots).unwrap(),
+        )
+    };
+    let port = server.run.inbound(9080);
+    assert!(
+        tls_ping(port, tls_client(Some((from_next.0.clone(), from_next.1.clone_key())), both.clone()))
+            .await
+            .is_err(),
+        "not trusted yet"
+    );
+    // Rotation: the bundle file now holds the old and the new root.
+    let pem = format!(
+        "{}{}",
+        std::fs::read_to_string(pki.bundle_path()).unwrap(),
+        std::fs::read_to_string(next.bundle_path()).unwrap()
+    );
+    std::fs::write(pki.bundle_path(), pem).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tls_ping(port, tls_client(Some((from_next.0.clone(), from_next.1.clone_key())), both.clone()))
+            .await
+        {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "the new root was never trusted: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old =
+        issue_with(&pki, "spiffe://cluster.local/ns/default/sa/old-root", None, time::Duration::hours(1));
+    assert_eq!(tls_ping(port, tls_client(Some(old), both)).await, Ok(()), "the old root stays trusted");
+    let (_, certs) = http_get(server.run.addrs.admin, "/certs").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(v["trust_bundle"].as_array().unwrap().len(), 2);
+    server.run.shutdown().await;
+}

@@ -73,6 +73,16 @@ limits: {{drain_timeout: 3s, watch_interval: 1h}}
     let proc = Proc(child);
     wait_ready(format!("127.0.0.1:{ready}").parse().unwrap()).await;
     let inbound_addr: std::net::SocketAddr = format!("127.0.0.1:{inbound}").parse().unwrap();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+
+    // /logging reads and changes the filter of the running process.
+    let (code, level) = http_get(admin_addr, "/logging").await.unwrap();
+    assert_eq!((code, level.trim()), (200, "info"));
+    let (code, level) = http_request(admin_addr, "POST", "/logging?level=keycard_proxy=debug,info").await;
+    assert_eq!(code, 200, "{level}");
+    assert!(level.contains("keycard_proxy=debug"), "{level}");
+    let (code, err) = http_request(admin_addr, "POST", "/logging?level=%%%").await;
+    assert_eq!(code, 400, "{err}");
 
     // One plaintext connection (PERMISSIVE), closed: one access line in JSON.
     assert_eq!(roundtrip(inbound_addr).await, Ok(()));
@@ -141,4 +151,18 @@ fn wait_line(lines: &mpsc::Receiver<String>, want: impl Fn(&serde_json::Value) -
             return v;
         }
     }
+}
+
+/// A bodiless HTTP/1.0 request: (status, body).
+async fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }
