@@ -147,7 +147,7 @@ async fn proxy_to_app<S>(
     if let Err(denied) = decision {
         let mut l = labels.clone();
         l[6] = "RBAC".into();
-        shared.record_tcp(&l, 0, 0, true);
+        shared.record_tcp(&l, true);
         event.log("deny", denied.reason(), 0, 0, started);
         return;
     }
@@ -156,7 +156,7 @@ async fn proxy_to_app<S>(
         Ok(Err(_)) | Err(_) => {
             let mut l = labels.clone();
             l[6] = "UF".into();
-            shared.record_tcp(&l, 0, 0, true);
+            shared.record_tcp(&l, true);
             event.log("allow", "app_unreachable", 0, 0, started);
             return;
         }
@@ -164,7 +164,7 @@ async fn proxy_to_app<S>(
     let _ = app.set_nodelay(true);
     let cancel = shared.drain.child_token();
     let _registration = shared.live.register(facts.clone(), cancel.clone());
-    shared.record_tcp(&labels, 0, 0, false);
+    shared.record_tcp(&labels, false);
     shared.metrics.active.inc();
     let idle = shared.limits.idle_timeout;
     let totals = match downstream {

@@ -137,7 +137,7 @@ async fn handle(
     let cancel = shared.drain.child_token();
     if route.mode == ClientTlsMode::Disable {
         let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
-        shared.record_tcp(&labels, 0, 0, false);
+        shared.record_tcp(&labels, false);
         let t = forward::splice_pipe(app, remote, limits.idle_timeout, cancel).await;
         shared.finish_tcp(&labels, t.forward, t.backward);
         log(peer, up, None, false, end_reason(t.end), "", t.forward, t.backward, started);
@@ -198,7 +198,7 @@ async fn handle(
     let server_id = peer_identity(stream.get_ref().1.peer_certificates());
     let mtls = route.external.is_none();
     let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), mtls);
-    shared.record_tcp(&labels, 0, 0, false);
+    shared.record_tcp(&labels, false);
     shared.metrics.active.inc();
     let t = forward::pipe(app, stream, limits.idle_timeout, cancel).await;
     shared.metrics.active.dec();

@@ -182,7 +182,7 @@ impl Shared {
     }
 
     /// Counts an opened connection; `closed_now` for one refused before any byte moved.
-    pub fn record_tcp(&self, labels: &[String], _sent: u64, _recv: u64, closed_now: bool) {
+    pub fn record_tcp(&self, labels: &[String], closed_now: bool) {
         let l: Vec<&str> = labels.iter().map(String::as_str).collect();
         self.metrics.tcp_opened.with_label_values(&l).inc();
         if closed_now {

@@ -192,18 +192,21 @@ impl Cx<'_> {
         if let Some(p) = &spec.provider {
             return Err(self.err(p, "provider (CUSTOM authorization) is not supported"));
         }
-        let action = match spec.action.as_ref().map(|a| a.value.as_str()) {
-            None | Some("ALLOW") => Action::Allow,
-            Some("DENY") => Action::Deny,
-            Some("AUDIT") => Action::Audit,
-            Some("CUSTOM") => {
-                let at = spec.action.as_ref().expect("matched Some above");
-                return Err(self.err(at, "action CUSTOM (external authorization) is not supported"));
-            }
-            Some(other) => {
-                let at = spec.action.as_ref().expect("matched Some above");
-                return Err(self.err(at, format!("unknown action `{other}`: expected ALLOW, DENY, AUDIT")));
-            }
+        let action = match &spec.action {
+            None => Action::Allow,
+            Some(at) => match at.value.as_str() {
+                "ALLOW" => Action::Allow,
+                "DENY" => Action::Deny,
+                "AUDIT" => Action::Audit,
+                "CUSTOM" => {
+                    return Err(self.err(at, "action CUSTOM (external authorization) is not supported"));
+                }
+                other => {
+                    return Err(
+                        self.err(at, format!("unknown action `{other}`: expected ALLOW, DENY, AUDIT"))
+                    );
+                }
+            },
         };
         let dry_run = match o.metadata.annotations.get(DRY_RUN_ANNOTATION) {
             None => false,
