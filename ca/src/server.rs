@@ -35,6 +35,7 @@ use crate::authority::CsrError;
 use crate::metrics::{self, CaMetrics};
 use crate::profile::ExtraNames;
 use crate::store::LoadedCa;
+use crate::token::TokenError;
 
 /// Settings of `ca serve`. Durations are wall-clock.
 #[derive(Debug, Clone)]
@@ -285,9 +286,9 @@ async fn sign(state: &State, peer: Option<&SpiffeId>, req: Request<Incoming>) ->
         (Some(token), _) => match state.ca.tokens.verify(&token, now.unix_timestamp()) {
             Ok(id) => (id, "token"),
             Err(e) => {
-                let refusal = match e.reason() {
-                    "expired_token" => Refusal::ExpiredToken,
-                    "foreign_trust_domain" => Refusal::ForeignTrustDomain,
+                let refusal = match e {
+                    TokenError::Expired { .. } => Refusal::ExpiredToken,
+                    TokenError::ForeignTrustDomain { .. } => Refusal::ForeignTrustDomain,
                     _ => Refusal::InvalidToken,
                 };
                 return refuse(state, refusal, e.to_string());

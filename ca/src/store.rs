@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use keycard_config::TrustDomain;
 use keycard_config::pem::{self as kpem, PemError};
 use rcgen::{Issuer, KeyPair};
-use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
@@ -221,9 +220,4 @@ fn parse_key(pem: &[u8], path: &Path) -> Result<KeyPair, StoreError> {
 
 fn authority_err(dir: &Path, source: AuthorityError) -> StoreError {
     StoreError::Authority { dir: dir.to_owned(), source }
-}
-
-/// The certificates of a PEM chain file, for callers outside this module.
-pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, StoreError> {
-    Ok(kpem::certs_from_file(path)?)
 }

@@ -4,7 +4,6 @@
 //! life: nothing is allocated per chunk. When both legs are plaintext TCP, [`splice_pipe`] moves
 //! the bytes with `splice(2)` through a pipe instead, without copying them into user space.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -41,29 +40,31 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    let activity = Arc::new(AtomicU64::new(0));
+    let activity = AtomicU64::new(0);
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    let (fwd, bwd) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (fwd, bwd) = (AtomicU64::new(0), AtomicU64::new(0));
     let both = async {
         tokio::join!(one_way(ar, bw, &fwd, &activity, start), one_way(br, aw, &bwd, &activity, start))
     };
-    let watchdog = async {
-        loop {
-            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-            let quiet_until = start + last + idle;
-            if Instant::now() >= quiet_until {
-                return;
-            }
-            tokio::time::sleep_until(quiet_until).await;
-        }
-    };
     let end = tokio::select! {
         (x, y) = both => if x && y { End::Done } else { End::Error },
-        () = watchdog => End::Idle,
+        () = idle_watchdog(start, &activity, idle) => End::Idle,
         () = cancel.cancelled() => End::Cancelled,
     };
     Totals { forward: fwd.load(Ordering::Relaxed), backward: bwd.load(Ordering::Relaxed), end }
+}
+
+/// Completes once `idle` has passed since the last activity (milliseconds after `start`, stored by
+/// the copying directions). One timer per connection, re-armed only when it fires.
+async fn idle_watchdog(start: Instant, activity: &AtomicU64, idle: Duration) {
+    loop {
+        let quiet_until = start + Duration::from_millis(activity.load(Ordering::Relaxed)) + idle;
+        if Instant::now() >= quiet_until {
+            return;
+        }
+        tokio::time::sleep_until(quiet_until).await;
+    }
 }
 
 /// Copies until EOF, then shuts down the writer. `false` on an I/O error.
@@ -105,18 +106,9 @@ pub async fn splice_pipe(a: TcpStream, b: TcpStream, idle: Duration, cancel: Can
             splice_one_way(&b, &a, &bwd, &activity, start)
         )
     };
-    let watchdog = async {
-        loop {
-            let quiet_until = start + Duration::from_millis(activity.load(Ordering::Relaxed)) + idle;
-            if Instant::now() >= quiet_until {
-                return;
-            }
-            tokio::time::sleep_until(quiet_until).await;
-        }
-    };
     let end = tokio::select! {
         (x, y) = both => if x.is_ok() && y.is_ok() { End::Done } else { End::Error },
-        () = watchdog => End::Idle,
+        () = idle_watchdog(start, &activity, idle) => End::Idle,
         () = cancel.cancelled() => End::Cancelled,
     };
     Totals { forward: fwd.load(Ordering::Relaxed), backward: bwd.load(Ordering::Relaxed), end }

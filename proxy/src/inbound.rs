@@ -5,18 +5,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use keycard_config::SpiffeId;
 use keycard_config::policy::authz::{self, Attributes};
 use keycard_config::policy::model::MtlsMode;
 use keycard_config::sidecar::InboundPort;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
+use crate::access::{Access, end_reason};
 use crate::conns::ConnFacts;
 use crate::detect::{self, Detected};
-use crate::forward::{self, End};
+use crate::forward;
+use crate::metrics::with_flags;
 use crate::sidecar::{Direction, Shared};
 use crate::tls::{MESH_ALPNS, peer_identity};
 
@@ -136,28 +136,26 @@ async fn proxy_to_app<S>(
         Err(d) => d.policy_label(),
     };
     let labels = shared.tcp_labels(Direction::Inbound, facts.principal.as_ref(), Some(&shared.id), mtls);
-    let event = AccessEvent {
-        peer,
-        dst: port.app,
+    let event = Access {
+        direction: Direction::Inbound,
+        src_addr: peer,
         src_identity: facts.principal.as_ref(),
+        dst_addr: port.app,
         dst_identity: Some(&shared.id),
         mtls,
         policy: &policy_label,
+        started,
     };
     if let Err(denied) = decision {
-        let mut l = labels.clone();
-        l[6] = "RBAC".into();
-        shared.record_tcp(&l, true);
-        event.log("deny", denied.reason(), 0, 0, started);
+        shared.record_tcp(&with_flags(&labels, "RBAC"), true);
+        event.log("deny", denied.reason(), "", 0, 0);
         return;
     }
     let app = match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(port.app)).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) | Err(_) => {
-            let mut l = labels.clone();
-            l[6] = "UF".into();
-            shared.record_tcp(&l, true);
-            event.log("allow", "app_unreachable", 0, 0, started);
+            shared.record_tcp(&with_flags(&labels, "UF"), true);
+            event.log("allow", "app_unreachable", "", 0, 0);
             return;
         }
     };
@@ -172,45 +170,8 @@ async fn proxy_to_app<S>(
         Downstream::Tls(tls) => forward::pipe(tls, app, idle, cancel).await,
     };
     shared.metrics.active.dec();
-    let reason = match totals.end {
-        End::Done => "closed",
-        End::Idle => "idle_timeout",
-        End::Cancelled => "closed_by_policy_or_drain",
-        End::Error => "reset",
-    };
     shared.finish_tcp(&labels, totals.backward, totals.forward);
-    event.log("allow", reason, totals.backward, totals.forward, started);
-}
-
-struct AccessEvent<'a> {
-    peer: SocketAddr,
-    dst: SocketAddr,
-    src_identity: Option<&'a SpiffeId>,
-    dst_identity: Option<&'a SpiffeId>,
-    mtls: bool,
-    policy: &'a str,
-}
-
-impl AccessEvent<'_> {
-    /// `sent` is what went to the downstream peer, `recv` what came from it.
-    fn log(&self, decision: &str, reason: &str, sent: u64, recv: u64, started: Instant) {
-        info!(
-            target: "keycard::access",
-            direction = "inbound",
-            src.addr = %self.peer,
-            src.identity = self.src_identity.map(SpiffeId::as_str).unwrap_or("-"),
-            dst.addr = %self.dst,
-            dst.identity = self.dst_identity.map(SpiffeId::as_str).unwrap_or("-"),
-            mtls = self.mtls,
-            policy = self.policy,
-            decision,
-            reason,
-            bytes_sent = sent,
-            bytes_recv = recv,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "access"
-        );
-    }
+    event.log("allow", end_reason(totals.end), "", totals.backward, totals.forward);
 }
 
 /// Decides for a connection's facts with the given policies (also used on reload).

@@ -5,10 +5,11 @@
 //! - [`detect`]: TLS vs plaintext by peeking the ClientHello (SNI, ALPN).
 //! - [`inbound`], [`outbound`]: the two directions; [`forward`]: bytes both ways.
 //! - [`sidecar`]: assembly, policy reload, drain; [`conns`]: live connections for re-evaluation.
-//! - [`metrics`], [`admin`]: what it reports.
+//! - [`metrics`], [`access`], [`admin`]: what it reports.
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod conns;
 pub mod detect;

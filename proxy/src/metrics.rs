@@ -15,6 +15,15 @@ pub const TCP_LABELS: &[&str] = &[
     "response_flags",
 ];
 
+/// `labels` (in [`TCP_LABELS`] order) with Envoy's `response_flags` set to `flags`.
+pub fn with_flags(labels: &[String], flags: &str) -> Vec<String> {
+    let mut out = labels.to_vec();
+    if let Some(slot) = out.last_mut() {
+        *slot = flags.to_owned();
+    }
+    out
+}
+
 #[derive(Debug, Clone)]
 pub struct ProxyMetrics {
     pub tcp_opened: IntCounterVec,

@@ -14,9 +14,9 @@ use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
-use crate::forward::{self, End};
+use crate::access::{Access, end_reason};
+use crate::forward;
 use crate::sidecar::{Direction, Shared};
 use crate::tls::{MeshTls, peer_identity};
 
@@ -119,17 +119,26 @@ async fn handle(
     app: TcpStream,
     peer: SocketAddr,
 ) {
-    let started = Instant::now();
+    let event = Access {
+        direction: Direction::Outbound,
+        src_addr: peer,
+        src_identity: Some(&shared.id),
+        dst_addr: up.remote,
+        dst_identity: None,
+        mtls: route.mode != ClientTlsMode::Disable,
+        policy: "-",
+        started: Instant::now(),
+    };
     let _ = app.set_nodelay(true);
     let limits = &shared.limits;
     let remote = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(up.remote)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            log(peer, up, None, false, "connect_failed", &e.to_string(), 0, 0, started);
+            event.log("fail", "connect_failed", &e.to_string(), 0, 0);
             return;
         }
         Err(_) => {
-            log(peer, up, None, false, "connect_timeout", "", 0, 0, started);
+            event.log("fail", "connect_timeout", "", 0, 0);
             return;
         }
     };
@@ -140,7 +149,7 @@ async fn handle(
         shared.record_tcp(&labels, false);
         let t = forward::splice_pipe(app, remote, limits.idle_timeout, cancel).await;
         shared.finish_tcp(&labels, t.forward, t.backward);
-        log(peer, up, None, false, end_reason(t.end), "", t.forward, t.backward, started);
+        event.log("allow", end_reason(t.end), "", t.backward, t.forward);
         return;
     }
     let config = match &route.external {
@@ -182,7 +191,7 @@ async fn handle(
         Ok(Err(e)) => {
             let (reason, detail) = crate::sidecar::classify_tls_error(&e);
             shared.handshake_failed(Direction::Outbound, up.remote, reason, &detail);
-            log(peer, up, None, true, reason, &detail, 0, 0, started);
+            event.log("fail", reason, &detail, 0, 0);
             return;
         }
         Err(_) => {
@@ -203,43 +212,6 @@ async fn handle(
     let t = forward::pipe(app, stream, limits.idle_timeout, cancel).await;
     shared.metrics.active.dec();
     shared.finish_tcp(&labels, t.forward, t.backward);
-    log(peer, up, server_id.as_ref(), mtls, end_reason(t.end), "", t.forward, t.backward, started);
-}
-
-fn end_reason(end: End) -> &'static str {
-    match end {
-        End::Done => "closed",
-        End::Idle => "idle_timeout",
-        End::Cancelled => "drained",
-        End::Error => "reset",
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn log(
-    peer: SocketAddr,
-    up: &Upstream,
-    server: Option<&SpiffeId>,
-    mtls: bool,
-    reason: &str,
-    detail: &str,
-    sent: u64,
-    recv: u64,
-    started: Instant,
-) {
-    info!(
-        target: "keycard::access",
-        direction = "outbound",
-        src.addr = %peer,
-        dst.addr = %up.remote,
-        dst.identity = server.map(SpiffeId::as_str).unwrap_or("-"),
-        mtls,
-        decision = if reason == "closed" || reason == "idle_timeout" || reason == "drained" || reason == "reset" { "allow" } else { "fail" },
-        reason,
-        detail,
-        bytes_sent = sent,
-        bytes_recv = recv,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "access"
-    );
+    let event = Access { dst_identity: server_id.as_ref(), mtls, ..event };
+    event.log("allow", end_reason(t.end), "", t.backward, t.forward);
 }

@@ -77,7 +77,6 @@ const CENSUS_MAX_SOURCES: usize = 1024;
 /// State every connection task reads.
 pub struct Shared {
     pub id: SpiffeId,
-    pub namespace: String,
     pub tls: TlsWatch,
     pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
     pub metrics: ProxyMetrics,
@@ -352,7 +351,6 @@ impl Sidecar {
         };
         let shared = Arc::new(Shared {
             id,
-            namespace: cfg.workload.namespace.clone(),
             tls,
             policy: policy_rx,
             metrics,
@@ -499,7 +497,7 @@ impl Reloader {
     }
 
     /// Paths, modification times and sizes of the policy files (directories listed afresh).
-    fn stamp(&self) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
+    fn stamp(&self) -> (Vec<PathBuf>, Vec<Option<(SystemTime, u64)>>) {
         let mut files = Vec::new();
         for p in &self.cfg.policy.paths {
             match std::fs::read_dir(p) {
@@ -508,13 +506,8 @@ impl Reloader {
             }
         }
         files.sort();
-        files
-            .into_iter()
-            .map(|f| {
-                let m = std::fs::metadata(&f).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
-                (f, m)
-            })
-            .collect()
+        let stamps = crate::identity::stamps(&files);
+        (files, stamps)
     }
 
     fn reload(&self) {

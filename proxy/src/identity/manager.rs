@@ -229,7 +229,7 @@ fn now() -> i64 {
 }
 
 /// Modification time and length of each file: a change of either means reload.
-fn stamps(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+pub(crate) fn stamps(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
     files
         .iter()
         .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))

@@ -5,6 +5,7 @@ mod client;
 mod manager;
 
 pub use client::{CaClient, ClientError, Credential};
+pub(crate) use manager::stamps;
 pub use manager::{CertManager, TlsWatch};
 
 use keycard_config::SpiffeId;
