@@ -5,8 +5,10 @@
 //! - [`tls`]: rustls certificate verifiers built on [`svid`], shared by the CA and the sidecar.
 //! - [`ca_api`]: the CA HTTPS API as data, shared by the CA and its client in the sidecar.
 //! - [`certinfo`]: certificates described for a person (CLI inspect, admin `/certs`).
-//! - [`policy`]: Istio security YAML loaded with file:line errors; PeerAuthentication resolution and
-//!   the authorization engine.
+//! - [`policy`]: Istio security YAML loaded with file:line errors; PeerAuthentication resolution,
+//!   RequestAuthentication's JWT rules and the authorization engine.
+//! - [`http`]: request targets split and paths normalised as Istio does before `paths` rules.
+//! - [`jwt`]: JWT verification against a rule and a key set, pure (the clock passed in).
 //! - [`sidecar`]: the sidecar configuration file.
 //! - [`pem`]: reading certificates and keys from PEM with errors that name the file.
 
@@ -14,7 +16,9 @@
 
 pub mod ca_api;
 pub mod certinfo;
+pub mod http;
 pub mod identity;
+pub mod jwt;
 pub mod pem;
 pub mod policy;
 pub mod sidecar;

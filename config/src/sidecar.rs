@@ -36,6 +36,50 @@ pub struct SidecarConfig {
     pub readiness: SocketAddr,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub http: HttpSettings,
+}
+
+/// HTTP handling (ports whose protocol is HTTP, declared or detected).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Istio's `pathNormalization`: `none`, `base` (RFC 3986, the default), `merge_slashes`,
+    /// `decode_and_merge_slashes`. Policies match, and apps receive, the normalised path.
+    pub path_normalization: crate::http::PathNormalization,
+    /// Request headers per request; more is answered 431. Default 100 (Envoy's).
+    pub max_headers: usize,
+    /// Bytes of a request head (HTTP/1) or header list (HTTP/2); more is answered 431.
+    /// Default 60 KiB (Envoy's `max_request_headers_kb`).
+    pub max_header_bytes: usize,
+    /// A request head must arrive within this. Default 10 s.
+    #[serde(with = "duration")]
+    pub header_timeout: Duration,
+    /// Whole request to whole response; `0s` (the default, as in Istio) for none. Past it: 504.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    /// Concurrent HTTP/2 streams per downstream connection. Default 100.
+    pub max_concurrent_streams: u32,
+    /// Mutual-TLS HTTP/2 connections per upstream sidecar. Default 4.
+    pub pool_max_connections: usize,
+    /// A pooled connection with this many requests in flight makes the pool open another
+    /// (up to `pool_max_connections`). Default 100.
+    pub pool_streams_per_connection: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            path_normalization: crate::http::PathNormalization::default(),
+            max_headers: 100,
+            max_header_bytes: 60 * 1024,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::ZERO,
+            max_concurrent_streams: 100,
+            pool_max_connections: 4,
+            pool_streams_per_connection: 100,
+        }
+    }
 }
 
 /// Who this workload is.
@@ -71,12 +115,47 @@ pub enum IdentitySource {
     Files { cert: PathBuf, key: PathBuf, bundle: PathBuf },
 }
 
+/// What a port carries. Istio's port-name convention (`http-web`, `grpc`, `tcp-db`, ...) picks it
+/// when only a `name` is given; with neither, the protocol is detected.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    /// Bytes, unparsed.
-    #[default]
+    /// Bytes, unparsed; no detection, so server-first protocols (MySQL, SMTP) never wait.
     Tcp,
+    /// HTTP/1.1 to the app (and HTTP/2 between sidecars).
+    Http,
+    /// HTTP/2 with prior knowledge (h2c) to the app.
+    Http2,
+    /// gRPC: HTTP/2 to the app, `grpc-status` in metrics.
+    Grpc,
+    /// Detected from the first bytes (an HTTP/1 method or the HTTP/2 preface), bounded by
+    /// `limits.detect_timeout`; anything else, or nothing in time, is TCP.
+    #[default]
+    Auto,
+}
+
+impl Protocol {
+    /// Istio's port-name convention: `<protocol>[-<suffix>]`.
+    pub fn from_port_name(name: &str) -> Self {
+        let head = name.split('-').next().unwrap_or_default().to_ascii_lowercase();
+        match (head.as_str(), name.to_ascii_lowercase().starts_with("grpc-web")) {
+            (_, true) => Self::Http,
+            ("http", _) => Self::Http,
+            ("http2", _) => Self::Http2,
+            ("grpc", _) => Self::Grpc,
+            ("tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "mqtt" | "kafka", _) => Self::Tcp,
+            _ => Self::Auto,
+        }
+    }
+
+    /// `declared`, else what `name` says, else detection.
+    pub fn resolve(declared: Option<Self>, name: Option<&str>) -> Self {
+        declared.or_else(|| name.map(Self::from_port_name)).unwrap_or_default()
+    }
+
+    pub fn is_http(self) -> bool {
+        matches!(self, Self::Http | Self::Http2 | Self::Grpc)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -88,8 +167,18 @@ pub struct InboundPort {
     pub listen: SocketAddr,
     /// The application, normally on loopback.
     pub app: SocketAddr,
+    /// Istio port name (`http-web`, `grpc`, `tcp-db`): picks the protocol when none is given.
     #[serde(default)]
-    pub protocol: Protocol,
+    pub name: Option<String>,
+    /// `tcp`, `http`, `http2`, `grpc` or `auto`. Default: from `name`, else `auto`.
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+}
+
+impl InboundPort {
+    pub fn protocol(&self) -> Protocol {
+        Protocol::resolve(self.protocol, self.name.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -109,6 +198,19 @@ pub struct Upstream {
     /// `subjectAltNames` for `host`, else any identity of the trust domain.
     #[serde(default)]
     pub identities: Vec<SpiffeId>,
+    /// Istio port name: picks the protocol when none is given.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// HTTP protocols are carried over pooled mutual-TLS HTTP/2 connections to the remote
+    /// sidecar; `tcp` is one TLS connection per app connection. Default: from `name`, else `auto`.
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+}
+
+impl Upstream {
+    pub fn protocol(&self) -> Protocol {
+        Protocol::resolve(self.protocol, self.name.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -17,6 +17,8 @@ pub struct ConnFacts {
     pub destination_ip: IpAddr,
     pub port: u16,
     pub sni: Option<String>,
+    /// Served as HTTP: authorized per request, so a reload re-checks only the mTLS mode.
+    pub http: bool,
 }
 
 #[derive(Debug, Default)]

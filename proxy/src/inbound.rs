@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use keycard_config::policy::authz::{self, Attributes};
 use keycard_config::policy::model::MtlsMode;
-use keycard_config::sidecar::InboundPort;
+use keycard_config::sidecar::{InboundPort, Protocol};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -16,20 +16,30 @@ use crate::access::{Access, end_reason};
 use crate::conns::ConnFacts;
 use crate::detect::{self, Detected};
 use crate::forward;
+use crate::http::headers::xfcc_element;
+use crate::http::inbound::{InboundHttp, Peer};
+use crate::http::sniff::{self, Rewind, Sniffed};
 use crate::metrics::with_flags;
 use crate::sidecar::{Direction, Shared};
 use crate::tls::{MESH_ALPNS, peer_identity};
 
 pub async fn serve(shared: Arc<Shared>, port: InboundPort, listener: TcpListener, stop: CancellationToken) {
     let port = Arc::new(port);
+    let http = (port.protocol() != Protocol::Tcp).then(|| InboundHttp::new(shared.clone(), port.clone()));
     crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
-        let (shared, port) = (shared.clone(), port.clone());
-        async move { handle(&shared, &port, tcp, peer).await }
+        let (shared, port, http) = (shared.clone(), port.clone(), http.clone());
+        async move { handle(&shared, &port, http.as_ref(), tcp, peer).await }
     })
     .await;
 }
 
-async fn handle(shared: &Shared, port: &InboundPort, tcp: TcpStream, peer: SocketAddr) {
+async fn handle(
+    shared: &Shared,
+    port: &InboundPort,
+    http: Option<&Arc<InboundHttp>>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().unwrap_or(port.listen);
@@ -42,6 +52,8 @@ async fn handle(shared: &Shared, port: &InboundPort, tcp: TcpStream, peer: Socke
     };
     let terminate = match (mode.mode, detected) {
         (MtlsMode::Disable, _) => false,
+        // PERMISSIVE: a client that sends nothing may speak a server-first protocol.
+        (MtlsMode::Permissive | MtlsMode::Unset, Detected::Nothing) => false,
         (_, Detected::Nothing) => {
             shared.handshake_failed(
                 Direction::Inbound,
@@ -68,12 +80,20 @@ async fn handle(shared: &Shared, port: &InboundPort, tcp: TcpStream, peer: Socke
     if !terminate {
         shared.metrics.plaintext.with_label_values(&[&port.port.to_string()]).inc();
         shared.census(peer);
+        if let Some(http) = http
+            && plaintext_is_http(shared, port, &tcp).await
+        {
+            let peer = Peer { addr: peer, local, identity: None, xfcc: None, sni: None };
+            http.serve_conn(tcp, peer).await;
+            return;
+        }
         let facts = ConnFacts {
             source_ip: peer.ip(),
             principal: None,
             destination_ip: local.ip(),
             port: port.port,
             sni: None,
+            http: false,
         };
         proxy_to_app(shared, port, Downstream::<TcpStream>::Plain(tcp), facts, peer, started).await;
         return;
@@ -108,9 +128,57 @@ async fn handle(shared: &Shared, port: &InboundPort, tcp: TcpStream, peer: Socke
     let (_, conn) = stream.get_ref();
     let principal = peer_identity(conn.peer_certificates());
     let sni = conn.server_name().map(str::to_owned);
-    let facts =
-        ConnFacts { source_ip: peer.ip(), principal, destination_ip: local.ip(), port: port.port, sni };
+    let mesh_http = conn.alpn_protocol().is_some_and(|a| HTTP_ALPNS.contains(&a));
+    let leaf = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+    let mut stream = Rewind::new(stream);
+    if let Some(http) = http {
+        let is_http = match port.protocol() {
+            Protocol::Auto if !mesh_http => {
+                let sniffed = sniff::read(&mut stream, limits.detect_timeout).await;
+                if sniffed == Sniffed::Timeout {
+                    shared.metrics.detect_timeouts.with_label_values(&["inbound"]).inc();
+                }
+                matches!(sniffed, Sniffed::Http1 | Sniffed::Http2)
+            }
+            _ => true,
+        };
+        if is_http {
+            let xfcc = match (&principal, &leaf) {
+                (Some(p), Some(der)) => Some(xfcc_element(&shared.id, der, p)),
+                _ => None,
+            };
+            let peer = Peer { addr: peer, local, identity: principal, xfcc, sni };
+            http.serve_conn(stream, peer).await;
+            return;
+        }
+    }
+    let facts = ConnFacts {
+        source_ip: peer.ip(),
+        principal,
+        destination_ip: local.ip(),
+        port: port.port,
+        sni,
+        http: false,
+    };
     proxy_to_app(shared, port, Downstream::Tls(stream), facts, peer, started).await;
+}
+
+/// ALPNs by which a peer sidecar says the stream is HTTP.
+const HTTP_ALPNS: &[&[u8]] = &[b"istio-h2", b"istio-http/1.1", b"istio-http/1.0", b"h2", b"http/1.1"];
+
+/// Whether a plaintext connection on an HTTP-capable port is HTTP (declared, or sniffed).
+async fn plaintext_is_http(shared: &Shared, port: &InboundPort, tcp: &TcpStream) -> bool {
+    if port.protocol() != Protocol::Auto {
+        return true;
+    }
+    match sniff::peek(tcp, shared.limits.detect_timeout).await {
+        Sniffed::Http1 | Sniffed::Http2 => true,
+        Sniffed::Other => false,
+        Sniffed::Timeout => {
+            shared.metrics.detect_timeouts.with_label_values(&["inbound"]).inc();
+            false
+        }
+    }
 }
 
 /// The downstream leg: plaintext TCP (spliced to the app) or a terminated TLS stream (copied).
@@ -176,15 +244,17 @@ async fn proxy_to_app<S>(
 
 /// Decides for a connection's facts with the given policies (also used on reload).
 pub fn decide(policies: &[&authz::AuthzPolicy], facts: &ConnFacts) -> authz::Decision {
-    authz::evaluate(
-        policies,
-        &Attributes {
-            source_ip: facts.source_ip,
-            source_principal: facts.principal.as_ref(),
-            destination_ip: facts.destination_ip,
-            destination_port: facts.port,
-            sni: facts.sni.as_deref(),
-            http: None,
-        },
-    )
+    authz::evaluate(policies, &attributes(facts))
+}
+
+/// A TCP connection's attributes for the authorization engine.
+pub fn attributes(facts: &ConnFacts) -> Attributes<'_> {
+    Attributes {
+        source_ip: facts.source_ip,
+        source_principal: facts.principal.as_ref(),
+        destination_ip: facts.destination_ip,
+        destination_port: facts.port,
+        sni: facts.sni.as_deref(),
+        http: None,
+    }
 }

@@ -4,6 +4,7 @@
 //! - [`tls`]: TLS configs built once per certificate ([`tls::MeshTls`]).
 //! - [`detect`]: TLS vs plaintext by peeking the ClientHello (SNI, ALPN).
 //! - [`inbound`], [`outbound`]: the two directions; [`forward`]: bytes both ways.
+//! - [`http`]: L7 for HTTP/1.1, HTTP/2 and gRPC ports (per-request policy, JWT, pooled mTLS).
 //! - [`sidecar`]: assembly, policy reload, drain; [`conns`]: live connections for re-evaluation.
 //! - [`metrics`], [`access`], [`admin`]: what it reports.
 
@@ -14,6 +15,7 @@ pub mod admin;
 pub mod conns;
 pub mod detect;
 pub mod forward;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;

@@ -2,7 +2,7 @@
 //! dashboards work) plus keycard's own. Registered into a registry the caller owns. Labels come
 //! from bounded sets: identities, namespaces, policy rule names, typed reasons, ports.
 
-use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Istio's TCP metric labels, in order.
 pub const TCP_LABELS: &[&str] = &[
@@ -14,6 +14,28 @@ pub const TCP_LABELS: &[&str] = &[
     "connection_security_policy",
     "response_flags",
 ];
+
+/// Istio's request metric labels, in order.
+pub const REQUEST_LABELS: &[&str] = &[
+    "reporter",
+    "source_principal",
+    "destination_principal",
+    "source_workload_namespace",
+    "destination_workload_namespace",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "connection_security_policy",
+    "response_flags",
+];
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS_MS: &[f64] = &[
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+    300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's buckets for request and response sizes (powers of ten).
+const SIZE_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
 
 /// `labels` (in [`TCP_LABELS`] order) with Envoy's `response_flags` set to `flags`.
 pub fn with_flags(labels: &[String], flags: &str) -> Vec<String> {
@@ -45,6 +67,18 @@ pub struct ProxyMetrics {
     pub renewals: IntCounterVec,
     pub cert_expiry: Gauge,
     pub active: IntGauge,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub request_bytes: HistogramVec,
+    pub response_bytes: HistogramVec,
+    /// `keycard_protocol_detect_timeouts_total{direction}`: `auto` ports where nothing told
+    /// HTTP from TCP in time (treated as TCP).
+    pub detect_timeouts: IntCounterVec,
+    /// `keycard_upstream_connections_opened_total{upstream}`: pooled mutual-TLS HTTP/2
+    /// connections opened to a remote sidecar (requests share them).
+    pub pool_opened: IntCounterVec,
+    /// `keycard_http_connections_total{direction}`: downstream connections served as HTTP.
+    pub http_connections: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -61,7 +95,36 @@ impl ProxyMetrics {
         r.register(Box::new(cert_expiry.clone()))?;
         let active = IntGauge::new("keycard_active_connections", "Connections being proxied now")?;
         r.register(Box::new(active.clone()))?;
+        let histogram = |name: &str, help: &str, buckets: &[f64]| -> prometheus::Result<HistogramVec> {
+            let h =
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), REQUEST_LABELS)?;
+            r.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
         Ok(Self {
+            requests: counter("istio_requests_total", "HTTP and gRPC requests", REQUEST_LABELS)?,
+            request_duration: histogram(
+                "istio_request_duration_milliseconds",
+                "Request duration, first byte in to last byte out",
+                DURATION_BUCKETS_MS,
+            )?,
+            request_bytes: histogram("istio_request_bytes", "Request body sizes", SIZE_BUCKETS)?,
+            response_bytes: histogram("istio_response_bytes", "Response body sizes", SIZE_BUCKETS)?,
+            detect_timeouts: counter(
+                "keycard_protocol_detect_timeouts_total",
+                "Auto-detected ports where no bytes told the protocol in time (served as TCP)",
+                &["direction"],
+            )?,
+            pool_opened: counter(
+                "keycard_upstream_connections_opened_total",
+                "Pooled mutual-TLS HTTP/2 connections opened to remote sidecars",
+                &["upstream"],
+            )?,
+            http_connections: counter(
+                "keycard_http_connections_total",
+                "Downstream connections served as HTTP",
+                &["direction"],
+            )?,
             tcp_opened: counter("istio_tcp_connections_opened_total", "TCP connections opened", TCP_LABELS)?,
             tcp_closed: counter("istio_tcp_connections_closed_total", "TCP connections closed", TCP_LABELS)?,
             tcp_sent: counter("istio_tcp_sent_bytes_total", "Bytes sent to the downstream", TCP_LABELS)?,

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use keycard_config::SpiffeId;
 use keycard_config::policy::model::ClientTlsMode;
-use keycard_config::sidecar::Upstream;
+use keycard_config::sidecar::{Protocol, Upstream};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
 use crate::forward;
+use crate::http::sniff::Sniffed;
 use crate::sidecar::{Direction, Shared};
-use crate::tls::{MeshTls, peer_identity};
+use crate::tls::{MeshTls, OUTBOUND_ALPN, peer_identity};
 
 /// How one upstream is reached, decided at start and on every policy reload.
 #[derive(Debug, Clone)]
@@ -76,9 +77,46 @@ fn external_config(d: &keycard_config::policy::DestTls) -> Result<Arc<ClientConf
 }
 
 /// Client configs are built once per certificate and route, not per connection.
-struct ConfigCache {
-    built_for: Option<(Arc<MeshTls>, Vec<SpiffeId>)>,
+pub struct ConfigCache {
+    alpn: &'static [u8],
+    built: Mutex<Option<Built>>,
+}
+
+struct Built {
+    tls: Arc<MeshTls>,
+    expected: Vec<SpiffeId>,
     config: Option<Arc<ClientConfig>>,
+}
+
+impl ConfigCache {
+    /// Configs offering `alpn` (what the remote sidecar learns about the stream).
+    pub fn new(alpn: &'static [u8]) -> Self {
+        Self { alpn, built: Mutex::new(None) }
+    }
+
+    /// The config for the current certificate and expected identities.
+    pub fn get(&self, tls: &Arc<MeshTls>, expected: &[SpiffeId]) -> Option<Arc<ClientConfig>> {
+        let mut b = self.built.lock().ok()?;
+        let fresh = matches!(&*b, Some(x) if Arc::ptr_eq(&x.tls, tls) && x.expected == expected);
+        if !fresh {
+            let config = tls.client(expected.to_vec()).ok().map(|c| {
+                let mut c = (*c).clone();
+                c.alpn_protocols = vec![self.alpn.to_vec()];
+                Arc::new(c)
+            });
+            *b = Some(Built { tls: tls.clone(), expected: expected.to_vec(), config });
+        }
+        b.as_ref().and_then(|x| x.config.clone())
+    }
+}
+
+/// The TLS server name for a route: the DestinationRule's `sni` or the host, else the address.
+pub fn server_name(route: &Route, remote: SocketAddr) -> ServerName<'static> {
+    route
+        .sni
+        .as_deref()
+        .and_then(|s| ServerName::try_from(s.to_owned()).ok())
+        .unwrap_or_else(|| ServerName::IpAddress(remote.ip().into()))
 }
 
 pub async fn serve(
@@ -88,34 +126,48 @@ pub async fn serve(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    let cache = Arc::new(Mutex::new(ConfigCache { built_for: None, config: None }));
+    let cache = Arc::new(ConfigCache::new(OUTBOUND_ALPN));
+    let http = (up.protocol() != Protocol::Tcp)
+        .then(|| crate::http::outbound::OutboundHttp::new(shared.clone(), up.clone(), route.clone()));
     crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
         // The route in force when the connection arrives; a reload changes later ones.
         let (shared, up, route, cache) = (shared.clone(), up.clone(), route.borrow().clone(), cache.clone());
-        async move { handle(&shared, &up, &route, &cache, tcp, peer).await }
+        let http = http.clone();
+        async move {
+            if let Some(http) = http
+                && route.mode == ClientTlsMode::IstioMutual
+                && wants_http(&shared, &up, &tcp).await
+            {
+                http.serve_conn(tcp, peer).await;
+                return;
+            }
+            handle(&shared, &up, &route, &cache, tcp, peer).await;
+        }
     })
     .await;
 }
 
-fn client_config(
-    cache: &Mutex<ConfigCache>,
-    tls: &Arc<MeshTls>,
-    expected: &[SpiffeId],
-) -> Option<Arc<ClientConfig>> {
-    let mut c = cache.lock().ok()?;
-    let fresh = matches!(&c.built_for, Some((t, e)) if Arc::ptr_eq(t, tls) && e == expected);
-    if !fresh {
-        c.config = tls.client(expected.to_vec()).ok();
-        c.built_for = Some((tls.clone(), expected.to_vec()));
+/// Whether the app's connection is HTTP: declared, or sniffed on an `auto` upstream.
+async fn wants_http(shared: &Shared, up: &Upstream, app: &TcpStream) -> bool {
+    match up.protocol() {
+        Protocol::Tcp => false,
+        Protocol::Auto => match crate::http::sniff::peek(app, shared.limits.detect_timeout).await {
+            Sniffed::Http1 | Sniffed::Http2 => true,
+            Sniffed::Other => false,
+            Sniffed::Timeout => {
+                shared.metrics.detect_timeouts.with_label_values(&["outbound"]).inc();
+                false
+            }
+        },
+        _ => true,
     }
-    c.config.clone()
 }
 
 async fn handle(
     shared: &Shared,
     up: &Upstream,
     route: &Route,
-    cache: &Mutex<ConfigCache>,
+    cache: &ConfigCache,
     app: TcpStream,
     peer: SocketAddr,
 ) {
@@ -164,7 +216,7 @@ async fn handle(
                 shared.handshake_failed(Direction::Outbound, peer, "no_certificate_loaded", detail);
                 return;
             };
-            let Some(config) = client_config(cache, &tls, &route.expected) else {
+            let Some(config) = cache.get(&tls, &route.expected) else {
                 shared.handshake_failed(
                     Direction::Outbound,
                     peer,
@@ -176,11 +228,7 @@ async fn handle(
             config
         }
     };
-    let name = route
-        .sni
-        .as_deref()
-        .and_then(|s| ServerName::try_from(s.to_owned()).ok())
-        .unwrap_or_else(|| ServerName::IpAddress(up.remote.ip().into()));
+    let name = server_name(route, up.remote);
     let stream = match tokio::time::timeout(
         limits.handshake_timeout,
         TlsConnector::from(config).connect(name, remote),

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use keycard_config::SpiffeId;
 use keycard_config::policy::model::MtlsMode;
 use keycard_config::policy::{LoadError, PolicySet, WorkloadPolicy};
-use keycard_config::sidecar::{Limits, SidecarConfig};
+use keycard_config::sidecar::{HttpSettings, Limits, SidecarConfig};
 use prometheus::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -81,8 +81,12 @@ pub struct Shared {
     pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
     pub metrics: ProxyMetrics,
     pub limits: Limits,
+    pub http: HttpSettings,
+    pub jwks: crate::http::authn::JwksCache,
     pub live: LiveConns,
     pub tracker: TaskTracker,
+    /// Cancelled when a drain starts: HTTP connections finish in-flight requests and close.
+    pub stopping: CancellationToken,
     /// Cancelled when a drain runs out of time: closes every live connection.
     pub drain: CancellationToken,
     slots: Arc<Semaphore>,
@@ -101,8 +105,16 @@ impl Shared {
     }
 
     pub fn authorize(&self, facts: &ConnFacts) -> keycard_config::policy::authz::Decision {
+        self.authorize_attrs(&crate::inbound::attributes(facts))
+    }
+
+    /// Decides with the policy in force and counts the decision (and audit / dry-run evidence).
+    pub fn authorize_attrs(
+        &self,
+        attrs: &keycard_config::policy::authz::Attributes<'_>,
+    ) -> keycard_config::policy::authz::Decision {
         let policy = self.policy.borrow().clone();
-        let decision = crate::inbound::decide(&policy.authz_refs(), facts);
+        let decision = keycard_config::policy::authz::evaluate(&policy.authz_refs(), attrs);
         let (label, action) = match &decision {
             Ok(p) => (p.policy_label(), "allow"),
             Err(d) => (d.policy_label(), "deny"),
@@ -355,8 +367,11 @@ impl Sidecar {
             policy: policy_rx,
             metrics,
             limits: cfg.limits.clone(),
+            http: cfg.http.clone(),
+            jwks: crate::http::authn::JwksCache::default(),
             live: LiveConns::default(),
             tracker: TaskTracker::new(),
+            stopping: CancellationToken::new(),
             drain: CancellationToken::new(),
             slots: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             failures: Mutex::new(VecDeque::new()),
@@ -454,6 +469,7 @@ impl Sidecar {
         shutdown.await;
         info!(live = shared.live.len(), "draining");
         stop.cancel();
+        shared.stopping.cancel();
         watcher.abort();
         shared.tracker.close();
         if tokio::time::timeout(shared.limits.drain_timeout, shared.tracker.wait()).await.is_err() {
@@ -535,6 +551,9 @@ impl Reloader {
         let closed = self.shared.live.close_denied(|facts| {
             if facts.principal.is_none() && wp.peer_auth.mode_for(facts.port).mode == MtlsMode::Strict {
                 return Some("peer_authentication".to_owned());
+            }
+            if facts.http {
+                return None;
             }
             crate::inbound::decide(&refs, facts).err().map(|d| d.policy_label())
         });

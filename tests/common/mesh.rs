@@ -127,7 +127,13 @@ pub fn config(s: SidecarSpec) -> SidecarConfig {
         inbound: s
             .inbound
             .into_iter()
-            .map(|(port, app)| InboundPort { port, listen: any_addr(), app, protocol: Protocol::Tcp })
+            .map(|(port, app)| InboundPort {
+                port,
+                listen: any_addr(),
+                app,
+                name: None,
+                protocol: Some(Protocol::Tcp),
+            })
             .collect(),
         outbound: s
             .outbound
@@ -138,6 +144,8 @@ pub fn config(s: SidecarSpec) -> SidecarConfig {
                 host: None,
                 port: None,
                 identities,
+                name: None,
+                protocol: Some(Protocol::Tcp),
             })
             .collect(),
         policy: PolicySource { paths: s.policy.into_iter().collect(), root_namespace: "istio-system".into() },
@@ -145,6 +153,7 @@ pub fn config(s: SidecarSpec) -> SidecarConfig {
         metrics: any_addr(),
         readiness: any_addr(),
         limits: limits(),
+        http: Default::default(),
     }
 }
 

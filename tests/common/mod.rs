@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod l7;
 pub mod mesh;
 
 use std::path::{Path, PathBuf};

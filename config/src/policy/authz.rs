@@ -106,11 +106,29 @@ pub enum ConditionKey {
     DestinationIp,
     DestinationPort,
     ConnectionSni,
-    /// Any `request.*` key: HTTP only.
-    Request(String),
+    /// A `request.*` key: HTTP only.
+    Request(RequestKey),
+}
+
+/// The HTTP-only condition keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKey {
+    /// `request.headers[NAME]`, the name lower-cased (header names match case-insensitively).
+    Header(String),
+    /// `request.auth.principal`: `iss/sub` of the verified JWT.
+    Principal,
+    /// `request.auth.audiences`: the JWT's `aud` claim.
+    Audiences,
+    /// `request.auth.presenter`: the JWT's `azp` claim.
+    Presenter,
+    /// `request.auth.claims[NAME]`, or a nested claim `request.auth.claims[a][b]`: the key under
+    /// which [`HttpAttributes::claims`] stores it, nested names joined with `.` (`"a.b"`), as the
+    /// JWT verifier flattens nested objects.
+    Claim(String),
 }
 
 impl ConditionKey {
+    /// `None` for a key keycard does not know: an unknown key is a load error, never ignored.
     pub fn parse(key: &str) -> Option<Self> {
         Some(match key {
             "source.ip" => Self::SourceIp,
@@ -120,9 +138,17 @@ impl ConditionKey {
             "destination.ip" => Self::DestinationIp,
             "destination.port" => Self::DestinationPort,
             "connection.sni" => Self::ConnectionSni,
-            k if k.starts_with("request.headers[") && k.ends_with(']') => Self::Request(k.to_owned()),
-            k if k.starts_with("request.auth.") => Self::Request(k.to_owned()),
-            _ => return None,
+            "request.auth.principal" => Self::Request(RequestKey::Principal),
+            "request.auth.audiences" => Self::Request(RequestKey::Audiences),
+            "request.auth.presenter" => Self::Request(RequestKey::Presenter),
+            k => {
+                if let Some(name) = k.strip_prefix("request.headers[").and_then(|n| n.strip_suffix(']')) {
+                    let ok = !name.is_empty() && !name.contains(['[', ']']);
+                    return ok.then(|| Self::Request(RequestKey::Header(name.to_ascii_lowercase())));
+                }
+                let names = bracketed(k.strip_prefix("request.auth.claims")?)?;
+                Self::Request(RequestKey::Claim(names.join(".")))
+            }
         })
     }
 
@@ -131,13 +157,29 @@ impl ConditionKey {
     }
 }
 
-/// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
+/// `[a][b]` -> `["a", "b"]`; `None` unless the whole text is one or more non-empty bracketed names.
+fn bracketed(mut text: &str) -> Option<Vec<&str>> {
+    let mut names = Vec::new();
+    while !text.is_empty() {
+        let (name, rest) = text.strip_prefix('[')?.split_once(']')?;
+        if name.is_empty() || name.contains('[') {
+            return None;
+        }
+        names.push(name);
+        text = rest;
+    }
+    (!names.is_empty()).then_some(names)
+}
+
+/// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty value); in `paths`
+/// and `notPaths` also a path template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pattern {
     Exact(String),
     Prefix(String),
     Suffix(String),
     Any,
+    Template(PathTemplate),
 }
 
 impl Pattern {
@@ -152,6 +194,17 @@ impl Pattern {
         })
     }
 
+    /// For `paths` / `notPaths`: a value with `{` or `}` is a [`PathTemplate`] (and must be a valid
+    /// one), anything else parses as [`Pattern::parse`] does.
+    pub fn parse_path(s: &str) -> Result<Self, String> {
+        if s.contains(['{', '}']) { PathTemplate::parse(s).map(Self::Template) } else { Self::parse(s) }
+    }
+
+    /// For `hosts` / `notHosts`: matched case-insensitively, so kept lower-case.
+    pub fn parse_host(s: &str) -> Result<Self, String> {
+        Self::parse(&s.to_ascii_lowercase())
+    }
+
     /// Whether `value` matches; an absent value (a plaintext peer's identity) matches nothing.
     pub fn matches(&self, value: Option<&str>) -> bool {
         let Some(v) = value else { return false };
@@ -160,6 +213,140 @@ impl Pattern {
             Self::Prefix(p) => v.starts_with(p.as_str()),
             Self::Suffix(s) => v.ends_with(s.as_str()),
             Self::Any => !v.is_empty(),
+            Self::Template(t) => t.matches(v),
+        }
+    }
+
+    /// A host pattern (from [`Pattern::parse_host`]) against a request authority: case-insensitive;
+    /// a pattern without a port is matched against the authority's host alone, so `example.com`
+    /// matches `Example.COM:8080`, while a pattern with a port (`example.com:8080`,
+    /// `example.com:*`, `*:8080`) is matched against the whole authority.
+    ///
+    /// Istio compares the whole authority (case-insensitively) and its security guide asks for
+    /// `hosts: [example.com, "example.com:*"]`; that pair matches the same here, and a lone
+    /// `example.com` in a DENY rule can no longer be sidestepped with `Host: example.com:80`.
+    pub fn matches_authority(&self, authority: &str) -> bool {
+        let authority = authority.to_ascii_lowercase();
+        let text = match self {
+            Self::Exact(t) | Self::Prefix(t) | Self::Suffix(t) => t.as_str(),
+            Self::Any => return !authority.is_empty(),
+            Self::Template(_) => return false,
+        };
+        let value = if has_port(text) { authority.as_str() } else { host_of(&authority) };
+        self.matches(Some(value))
+    }
+}
+
+/// Whether a host pattern names a port: a `:` outside an IPv6 literal's brackets.
+fn has_port(pattern: &str) -> bool {
+    let outside = pattern.rfind(']').map_or(pattern, |i| &pattern[i..]);
+    outside.contains(':')
+}
+
+/// The host of an authority: `[::1]:80` -> `[::1]`, `a.b:80` -> `a.b`, `a.b` -> `a.b`.
+fn host_of(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.find(']').map_or(authority, |i| &authority[..=i]);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// An Istio path template, for `paths` / `notPaths` (Istio 1.22+, Envoy's URI template match):
+/// `{*}` matches exactly one non-empty path segment, `{**}` matches the rest of the path, `/`
+/// included and possibly empty, and must be the last operator. An operator fills its whole segment
+/// (`/a/{*}.txt` is refused) and no other `*`, `{` or `}` may appear.
+///
+/// So `/foo/{*}` matches `/foo/bar` but neither `/foo/` nor `/foo/bar/baz`; `/foo/{**}` matches
+/// `/foo/` and `/foo/a/b` but not `/foo`; `/foo/{**}/` matches `/foo//` and `/foo/a/b/`.
+/// Envoy limits what an operator matches to RFC 3986 path characters; keycard matches any
+/// character but `/` for `{*}` and any character for `{**}`, since the path reaching the policy
+/// is already normalised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTemplate {
+    /// Literal text and `{*}`, up to the `{**}` if there is one.
+    head: Vec<TemplatePart>,
+    /// With a `{**}`: the literal text after it, which must end the path.
+    tail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TemplatePart {
+    Literal(String),
+    Segment,
+}
+
+impl PathTemplate {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let Some(segments) = s.strip_prefix('/') else {
+            return Err(format!("{s:?}: a path template must start with `/`"));
+        };
+        let (mut head, mut tail, mut literal) = (Vec::new(), None::<String>, String::from("/"));
+        let mut first = true;
+        for segment in segments.split('/') {
+            if !first {
+                literal.push('/');
+            }
+            first = false;
+            match segment {
+                "{*}" | "{**}" if tail.is_some() => {
+                    return Err(format!("{s:?}: `{{**}}` must be the last operator of a path template"));
+                }
+                "{*}" => {
+                    head.push(TemplatePart::Literal(std::mem::take(&mut literal)));
+                    head.push(TemplatePart::Segment);
+                }
+                "{**}" => {
+                    head.push(TemplatePart::Literal(std::mem::take(&mut literal)));
+                    tail = Some(String::new());
+                }
+                _ if segment.contains(['{', '}', '*']) => {
+                    let why = if segment.contains("{*}") || segment.contains("{**}") {
+                        "an operator must fill its whole path segment"
+                    } else if segment.contains(['{', '}']) {
+                        "only `{*}` and `{**}` are supported in a path template"
+                    } else {
+                        "a path template cannot also use `*` wildcards"
+                    };
+                    return Err(format!("{s:?}: {why}"));
+                }
+                _ => literal.push_str(segment),
+            }
+        }
+        if head.is_empty() {
+            return Err(format!("{s:?}: not a path template: it has no `{{*}}` or `{{**}}`"));
+        }
+        head.retain(|p| !matches!(p, TemplatePart::Literal(l) if l.is_empty()));
+        match &mut tail {
+            Some(t) => *t = literal,
+            None => head.push(TemplatePart::Literal(literal)),
+        }
+        Ok(Self { head, tail })
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        let mut rest = path;
+        for part in &self.head {
+            match part {
+                TemplatePart::Literal(l) => match rest.strip_prefix(l.as_str()) {
+                    Some(r) => rest = r,
+                    None => return false,
+                },
+                TemplatePart::Segment => {
+                    // The next part (if any) starts with `/`: the segment is all up to it.
+                    let end = rest.find('/').unwrap_or(rest.len());
+                    if end == 0 {
+                        return false;
+                    }
+                    rest = &rest[end..];
+                }
+            }
+        }
+        match &self.tail {
+            Some(tail) => rest.ends_with(tail.as_str()),
+            None => rest.is_empty(),
         }
     }
 }
@@ -180,12 +367,18 @@ pub struct Attributes<'a> {
 /// Request attributes (filled by the L7 proxy).
 #[derive(Debug, Clone, Default)]
 pub struct HttpAttributes {
+    /// The request authority (`:authority` or `Host`), port included when the client sent one.
     pub host: String,
     pub method: String,
     /// Normalised path, no query or fragment.
     pub path: String,
+    /// `iss/sub` of the verified JWT, if the request carried one.
     pub request_principal: Option<String>,
+    /// Header names lower-case.
     pub headers: BTreeMap<String, String>,
+    /// The verified JWT's claims as [`crate::jwt::VerifiedJwt::claims`] gives them: scalars as
+    /// strings, lists as their elements, nested objects flattened with `.` (`{"a":{"b":1}}` is
+    /// `"a.b" => ["1"]`), which is what `request.auth.claims[a][b]` looks up.
     pub claims: BTreeMap<String, Vec<String>>,
 }
 
@@ -339,12 +532,12 @@ fn operation_matches(o: &OperationMatch, a: &Attributes<'_>) -> bool {
     let port = |p: &u16| *p == a.destination_port;
     let mut ok = field(&o.ports, port) && not_field(&o.not_ports, port);
     if let Some(http) = a.http {
-        let host = Some(http.host.as_str());
+        let host = http.host.as_str();
         let method = Some(http.method.as_str());
         let path = Some(http.path.as_str());
         ok = ok
-            && field(&o.hosts, |p| p.matches(host))
-            && not_field(&o.not_hosts, |p| p.matches(host))
+            && field(&o.hosts, |p| p.matches_authority(host))
+            && not_field(&o.not_hosts, |p| p.matches_authority(host))
             && field(&o.methods, |p| p.matches(method))
             && not_field(&o.not_methods, |p| p.matches(method))
             && field(&o.paths, |p| p.matches(path))
@@ -363,37 +556,40 @@ fn condition_matches(c: &Condition, a: &Attributes<'_>) -> bool {
         return values_ok && !c.not_nets.iter().any(|n| n.contains(&ip));
     }
     let port;
-    let value: Option<&str> = match &c.key {
-        ConditionKey::SourceNamespace => a.source_principal.and_then(|id| id.k8s()).map(|k| k.namespace),
-        ConditionKey::SourcePrincipal => a.source_principal.map(SpiffeId::principal),
+    let values: Vec<&str> = match &c.key {
+        ConditionKey::SourceNamespace => {
+            a.source_principal.and_then(|id| id.k8s()).map(|k| k.namespace).into_iter().collect()
+        }
+        ConditionKey::SourcePrincipal => a.source_principal.map(SpiffeId::principal).into_iter().collect(),
         ConditionKey::DestinationPort => {
             port = a.destination_port.to_string();
-            Some(port.as_str())
+            vec![port.as_str()]
         }
-        ConditionKey::ConnectionSni => a.sni,
+        ConditionKey::ConnectionSni => a.sni.into_iter().collect(),
         ConditionKey::Request(key) => match a.http {
-            Some(http) => request_value(http, key),
+            Some(http) => request_values(http, key),
             // Only DENY rules get here without HTTP: their HTTP-only conditions are dropped.
             None => return true,
         },
-        _ => None,
+        ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp => Vec::new(),
     };
-    let values_ok = c.values.is_empty() || c.values.iter().any(|p| p.matches(value));
-    values_ok && !c.not_values.iter().any(|p| p.matches(value))
+    // A multi-valued attribute (a JWT claim that is a list) matches when any element does, for
+    // `values` and `notValues` alike; an absent one matches no pattern.
+    let hit = |p: &Pattern| values.iter().any(|v| p.matches(Some(v)));
+    let values_ok = c.values.is_empty() || c.values.iter().any(hit);
+    values_ok && !c.not_values.iter().any(hit)
 }
 
-fn request_value<'a>(http: &'a HttpAttributes, key: &str) -> Option<&'a str> {
-    if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
-        return http.headers.get(&name.to_ascii_lowercase()).map(String::as_str);
-    }
+fn request_values<'a>(http: &'a HttpAttributes, key: &RequestKey) -> Vec<&'a str> {
+    let claim = |name: &str| -> Vec<&'a str> {
+        http.claims.get(name).map(|v| v.iter().map(String::as_str).collect()).unwrap_or_default()
+    };
     match key {
-        "request.auth.principal" => http.request_principal.as_deref(),
-        _ => key
-            .strip_prefix("request.auth.claims[")
-            .and_then(|k| k.strip_suffix(']'))
-            .and_then(|claim| http.claims.get(claim))
-            .and_then(|v| v.first())
-            .map(String::as_str),
+        RequestKey::Header(name) => http.headers.get(name).map(String::as_str).into_iter().collect(),
+        RequestKey::Principal => http.request_principal.as_deref().into_iter().collect(),
+        RequestKey::Audiences => claim("aud"),
+        RequestKey::Presenter => claim("azp"),
+        RequestKey::Claim(name) => claim(name),
     }
 }
 

@@ -8,7 +8,9 @@ use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
-use super::model::{AuthorizationPolicySpec, DestinationRuleSpec, Metadata, PeerAuthenticationSpec};
+use super::model::{
+    AuthorizationPolicySpec, DestinationRuleSpec, Metadata, PeerAuthenticationSpec, RequestAuthenticationSpec,
+};
 
 /// A policy file problem: file, line, the field at that line, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +35,7 @@ pub struct Object<T> {
 pub enum Resource {
     PeerAuthentication(Object<PeerAuthenticationSpec>),
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
+    RequestAuthentication(Object<RequestAuthenticationSpec>),
     DestinationRule(Box<Object<DestinationRuleSpec>>),
 }
 
@@ -50,7 +53,7 @@ pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Resource>, LoadErr
             Document::Resource(r) => out.push(*r),
             Document::UnsupportedKind(kind) => {
                 let msg = format!(
-                    "unsupported kind `{}`: keycard reads PeerAuthentication, AuthorizationPolicy and DestinationRule",
+                    "unsupported kind `{}`: keycard reads PeerAuthentication, AuthorizationPolicy, RequestAuthentication and DestinationRule",
                     kind.value
                 );
                 return Err(spanned_error(file, text, &kind, msg));
@@ -130,6 +133,7 @@ struct DocumentVisitor;
 enum Spec {
     Peer(PeerAuthenticationSpec),
     Authz(AuthorizationPolicySpec),
+    RequestAuthn(RequestAuthenticationSpec),
     Dest(Box<DestinationRuleSpec>),
 }
 
@@ -151,7 +155,10 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                     let k: Spanned<String> = map.next_value()?;
                     if matches!(
                         k.value.as_str(),
-                        "PeerAuthentication" | "AuthorizationPolicy" | "DestinationRule"
+                        "PeerAuthentication"
+                            | "AuthorizationPolicy"
+                            | "RequestAuthentication"
+                            | "DestinationRule"
                     ) {
                         kind = Some(k.value);
                     } else {
@@ -166,6 +173,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                     spec = Some(match kind.as_deref() {
                         Some("PeerAuthentication") => Spec::Peer(map.next_value()?),
                         Some("AuthorizationPolicy") => Spec::Authz(map.next_value()?),
+                        Some("RequestAuthentication") => Spec::RequestAuthn(map.next_value()?),
                         Some("DestinationRule") => Spec::Dest(map.next_value()?),
                         _ => return Err(de::Error::custom("`kind` must come before `spec`")),
                     })
@@ -203,6 +211,12 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             }
             ("AuthorizationPolicy", None) => {
                 Resource::AuthorizationPolicy(Object { api_version, metadata, spec: Default::default() })
+            }
+            ("RequestAuthentication", Some(Spec::RequestAuthn(spec))) => {
+                Resource::RequestAuthentication(Object { api_version, metadata, spec })
+            }
+            ("RequestAuthentication", None) => {
+                Resource::RequestAuthentication(Object { api_version, metadata, spec: Default::default() })
             }
             ("DestinationRule", Some(Spec::Dest(spec))) => {
                 Resource::DestinationRule(Box::new(Object { api_version, metadata, spec: *spec }))

@@ -1,5 +1,5 @@
 //! Istio security policy: loading (multi-document YAML, errors with file, line and field), the
-//! PeerAuthentication resolution and the authorization engine.
+//! PeerAuthentication resolution, RequestAuthentication's JWT rules and the authorization engine.
 //!
 //! [`PolicySet::load`] reads files and directories into checked, compiled policies;
 //! [`PolicySet::for_workload`] picks what applies to one workload (namespace, root namespace and
@@ -9,6 +9,7 @@ pub mod authz;
 pub mod load;
 pub mod model;
 pub mod peerauth;
+pub mod requestauth;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use self::model::{
     AuthorizationPolicySpec, ClientTls, ClientTlsMode, DestinationRuleSpec, PeerAuthenticationSpec, S,
 };
 use self::peerauth::{PeerAuth, ResolvedPeerAuth};
+pub use self::requestauth::{JwtRule, RequestAuthn};
 
 /// Istio's default root namespace: its policies apply mesh-wide.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -49,8 +51,10 @@ pub struct DestTls {
 pub struct PolicySet {
     pub peer_auth: Vec<PeerAuth>,
     pub authz: Vec<AuthzPolicy>,
+    pub request_authn: Vec<RequestAuthn>,
     pub dest_tls: Vec<DestTls>,
-    /// Fields accepted but not acted on (traffic management in DestinationRules), with location.
+    /// Fields accepted but not acted on (traffic management in DestinationRules, a `jwksUri` next to
+    /// `jwks`), with location.
     pub warnings: Vec<String>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
@@ -61,6 +65,8 @@ pub struct PolicySet {
 pub struct WorkloadPolicy {
     pub peer_auth: ResolvedPeerAuth,
     pub authz: Vec<AuthzPolicy>,
+    /// The rules of every RequestAuthentication that applies, in load order.
+    pub jwt_rules: Vec<JwtRule>,
 }
 
 impl WorkloadPolicy {
@@ -105,6 +111,11 @@ impl PolicySet {
             match resource {
                 Resource::PeerAuthentication(o) => self.peer_auth.push(cx.peer_auth(o, order)?),
                 Resource::AuthorizationPolicy(o) => self.authz.push(cx.authz(o)?),
+                Resource::RequestAuthentication(o) => {
+                    let (authn, warnings) = cx.request_authn(o)?;
+                    self.request_authn.push(authn);
+                    self.warnings.extend(warnings);
+                }
                 Resource::DestinationRule(o) => {
                     let (tls, warnings) = cx.dest_rule(*o)?;
                     self.dest_tls.extend(tls);
@@ -129,6 +140,12 @@ impl PolicySet {
         WorkloadPolicy {
             peer_auth: ResolvedPeerAuth::resolve(&self.peer_auth, root_ns, namespace, labels),
             authz: self.authz.iter().filter(|p| applies(&p.namespace, &p.selector)).cloned().collect(),
+            jwt_rules: self
+                .request_authn
+                .iter()
+                .filter(|r| applies(&r.namespace, &r.selector))
+                .flat_map(|r| r.rules.iter().cloned())
+                .collect(),
         }
     }
 
@@ -257,14 +274,14 @@ impl Cx<'_> {
                 .map(|t| {
                     let o = &t.operation;
                     Ok(OperationMatch {
-                        hosts: self.patterns(&o.hosts)?,
-                        not_hosts: self.patterns(&o.not_hosts)?,
+                        hosts: self.patterns_by(&o.hosts, Pattern::parse_host)?,
+                        not_hosts: self.patterns_by(&o.not_hosts, Pattern::parse_host)?,
                         ports: self.ports(&o.ports)?,
                         not_ports: self.ports(&o.not_ports)?,
                         methods: self.patterns(&o.methods)?,
                         not_methods: self.patterns(&o.not_methods)?,
-                        paths: self.patterns(&o.paths)?,
-                        not_paths: self.patterns(&o.not_paths)?,
+                        paths: self.patterns_by(&o.paths, Pattern::parse_path)?,
+                        not_paths: self.patterns_by(&o.not_paths, Pattern::parse_path)?,
                     })
                 })
                 .collect::<Result<Vec<_>, LoadError>>()?;
@@ -300,14 +317,18 @@ impl Cx<'_> {
 
     /// An empty list is the same as an absent one.
     fn patterns(&self, values: &[S]) -> Result<Option<Vec<Pattern>>, LoadError> {
+        self.patterns_by(values, Pattern::parse)
+    }
+
+    fn patterns_by(
+        &self,
+        values: &[S],
+        parse: fn(&str) -> Result<Pattern, String>,
+    ) -> Result<Option<Vec<Pattern>>, LoadError> {
         if values.is_empty() {
             return Ok(None);
         }
-        values
-            .iter()
-            .map(|v| Pattern::parse(&v.value).map_err(|m| self.err(v, m)))
-            .collect::<Result<_, _>>()
-            .map(Some)
+        values.iter().map(|v| parse(&v.value).map_err(|m| self.err(v, m))).collect::<Result<_, _>>().map(Some)
     }
 
     fn nets(&self, values: &[S]) -> Result<Option<Vec<ipnet::IpNet>>, LoadError> {

@@ -1,6 +1,6 @@
 //! Istio's security resources as they appear in YAML (security.istio.io and networking.istio.io,
-//! v1 and v1beta1): `PeerAuthentication`, `AuthorizationPolicy`, and the TLS part of
-//! `DestinationRule`. Unknown fields are errors; strings that need checking are `Spanned` so a
+//! v1 and v1beta1): `PeerAuthentication`, `AuthorizationPolicy`, `RequestAuthentication`, and the
+//! TLS part of `DestinationRule`. Unknown fields are errors; strings that need checking are `Spanned` so a
 //! semantic error can still name its line.
 
 use std::collections::BTreeMap;
@@ -185,6 +185,68 @@ pub struct Condition {
     pub values: Vec<S>,
     #[serde(default)]
     pub not_values: Vec<S>,
+}
+
+// ---- RequestAuthentication ----
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub target_ref: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub target_refs: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub jwt_rules: Vec<Spanned<JwtRule>>,
+}
+
+/// Istio's `JWTRule`. `issuer` is required and checked after parsing, so its absence names the
+/// rule's line.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtRule {
+    #[serde(default)]
+    pub issuer: Option<S>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// An inline JWKS, as a JSON string.
+    #[serde(default)]
+    pub jwks: Option<S>,
+    /// Istio's CRD also accepts the proto name `jwks_uri`.
+    #[serde(default, alias = "jwks_uri")]
+    pub jwks_uri: Option<S>,
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeader>,
+    #[serde(default)]
+    pub from_params: Vec<S>,
+    #[serde(default)]
+    pub from_cookies: Vec<S>,
+    #[serde(default)]
+    pub forward_original_token: bool,
+    #[serde(default)]
+    pub output_payload_to_header: Option<S>,
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// A protobuf duration (`"5s"`, `"1.5s"`).
+    #[serde(default)]
+    pub timeout: Option<S>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtHeader {
+    pub name: S,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimToHeader {
+    pub header: S,
+    pub claim: S,
 }
 
 // ---- DestinationRule (TLS settings only) ----

@@ -261,3 +261,187 @@ fn a_directory_loads_in_name_order_and_a_broken_file_fails_the_whole_load() {
     assert!(e.file.ends_with("20-bad.yml") && e.line == 6, "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn request_authn_yaml(jwks: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: jwt
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: api
+  jwtRules:
+  - issuer: "{iss}"
+    audiences: ["svc"]
+    jwks: |
+      {jwks}
+    fromHeaders:
+    - name: X-Token
+      prefix: "Bearer "
+    outputClaimToHeaders:
+    - header: X-Jwt-Sub
+      claim: sub
+    outputPayloadToHeader: X-Jwt-Payload
+    forwardOriginalToken: true
+    timeout: 1.5s
+  - issuer: other
+    jwksUri: https://other.example/jwks.json
+---
+apiVersion: security.istio.io/v1beta1
+kind: RequestAuthentication
+metadata: {{name: mesh, namespace: istio-system}}
+spec:
+  jwtRules:
+  - issuer: mesh-issuer
+    jwks_uri: http://keys.mesh/jwks
+    fromCookies: [session]
+"#,
+        iss = crate::jwt::tests::ISS
+    )
+}
+
+#[test]
+fn request_authentication_with_an_inline_jwks_loads_applies_and_verifies() {
+    use crate::jwt::tests::{NOW, Signer};
+
+    let signer = Signer::p256();
+    let jwks = serde_json::json!({"keys": [signer.jwk(Some("k1"))]}).to_string();
+    let set = load(&request_authn_yaml(&jwks)).unwrap();
+    assert_eq!(set.request_authn.len(), 2);
+    assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+
+    let api = set.for_workload(DEFAULT_ROOT_NAMESPACE, "foo", &labels(&[("app", "api")]));
+    let issuers: Vec<&str> = api.jwt_rules.iter().map(|r| r.issuer.as_str()).collect();
+    assert_eq!(issuers, [crate::jwt::tests::ISS, "other", "mesh-issuer"]);
+    let web = set.for_workload(DEFAULT_ROOT_NAMESPACE, "foo", &labels(&[("app", "web")]));
+    assert_eq!(web.jwt_rules.iter().map(|r| r.issuer.as_str()).collect::<Vec<_>>(), ["mesh-issuer"]);
+    let elsewhere = set.for_workload(DEFAULT_ROOT_NAMESPACE, "bar", &labels(&[("app", "api")]));
+    assert_eq!(elsewhere.jwt_rules.len(), 1, "the root namespace's rule applies mesh-wide");
+
+    let (inline, by_uri, mesh) = (&api.jwt_rules[0], &api.jwt_rules[1], &api.jwt_rules[2]);
+    assert_eq!((inline.namespace.as_str(), inline.policy.as_str()), ("foo", "jwt"));
+    assert_eq!(inline.audiences, ["svc"]);
+    assert_eq!(inline.from_headers, [("x-token".to_owned(), "Bearer ".to_owned())]);
+    assert!(inline.from_params.is_empty() && inline.from_cookies.is_empty());
+    assert_eq!(inline.output_claim_to_headers, [("x-jwt-sub".to_owned(), "sub".to_owned())]);
+    assert_eq!(inline.output_payload_to_header.as_deref(), Some("x-jwt-payload"));
+    assert!(inline.forward_original_token);
+    assert_eq!(inline.timeout, Some(std::time::Duration::from_millis(1500)));
+    assert_eq!(inline.jwks_uri, None);
+    assert_eq!(by_uri.jwks_uri.as_deref(), Some("https://other.example/jwks.json"));
+    assert!(by_uri.jwks.is_none());
+    assert_eq!(
+        (by_uri.from_headers.as_slice(), by_uri.from_params.as_slice()),
+        (&[("authorization".to_owned(), "Bearer ".to_owned())][..], &["access_token".to_owned()][..]),
+        "no location given: Envoy's defaults"
+    );
+    assert_eq!(mesh.jwks_uri.as_deref(), Some("http://keys.mesh/jwks"), "jwks_uri is accepted too");
+    assert_eq!(mesh.from_cookies, ["session"]);
+    assert!(mesh.from_headers.is_empty(), "a cookie location replaces the defaults");
+
+    let keys = inline.jwks.as_ref().unwrap();
+    let good = signer.token("ES256", serde_json::json!({"aud": "svc"}));
+    let verified = crate::jwt::verify(&good, inline, keys, NOW).unwrap();
+    assert_eq!(verified.principal, format!("{}/alice", crate::jwt::tests::ISS));
+    let wrong_aud = signer.token("ES256", serde_json::json!({"aud": "other"}));
+    assert_eq!(crate::jwt::verify(&wrong_aud, inline, keys, NOW).unwrap_err().reason(), "audience_mismatch");
+    let dump = serde_json::to_string(&set).unwrap();
+    assert!(dump.contains("\"kid\":\"k1\""), "config dumps show key ids: {dump}");
+}
+
+#[test]
+fn jwks_next_to_jwks_uri_wins_with_a_warning() {
+    let jwks = serde_json::json!({"keys": [crate::jwt::tests::Signer::p256().jwk(None)]}).to_string();
+    let text = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: both\nspec:\n  jwtRules:\n  - issuer: i\n    jwksUri: https://x/jwks\n    jwks: '{jwks}'\n"
+    );
+    let set = load(&text).unwrap();
+    assert_eq!(set.request_authn[0].rules[0].jwks_uri, None);
+    assert_eq!(set.warnings.len(), 1);
+    assert!(
+        set.warnings[0].starts_with("policy.yaml:8:") && set.warnings[0].contains("ignored"),
+        "{:?}",
+        set.warnings
+    );
+}
+
+#[test]
+fn request_authentication_and_path_template_errors_name_line_and_field() {
+    let ra = |rule: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: x\nspec:\n  jwtRules:\n{rule}"
+        )
+    };
+    let cases: Vec<(String, u64, Option<&str>, &str)> = vec![
+        (ra("  - jwksUri: https://k/jwks\n    audiences: [a]\n"), 7, Some("jwksUri"), "needs an issuer"),
+        (ra("  - issuer: \"\"\n    jwksUri: https://k/jwks\n"), 7, Some("issuer"), "must not be empty"),
+        (ra("  - issuer: i\n    audiences: [a]\n"), 7, Some("issuer"), "needs jwks or jwksUri"),
+        (ra("  - issuer: i\n    jwks: '{\"keys\": []}'\n"), 8, Some("jwks"), "no usable signature key"),
+        (ra("  - issuer: i\n    jwks: 'not json'\n"), 8, Some("jwks"), "not a JSON Web Key Set"),
+        (ra("  - issuer: i\n    jwks: |\n      {\"keys\": [{\"kty\": \"oct\"}]}\n"), 9, Some("jwks"), "key 0: "),
+        (ra("  - issuer: i\n    jwksUri: ftp://k/jwks\n"), 8, Some("jwksUri"), "not an http or https URL"),
+        (ra("  - issuer: i\n    jwksURI: https://k/jwks\n"), 8, Some("jwksURI"), "unknown field"),
+        (
+            ra("  - issuer: i\n    jwksUri: https://k/jwks\n    fromHeaders:\n    - name: X Token\n"),
+            10,
+            Some("name"),
+            "not an HTTP header name",
+        ),
+        (
+            ra("  - issuer: i\n    jwksUri: https://k/jwks\n    fromHeaders:\n    - prefix: \"Bearer \"\n"),
+            10,
+            None,
+            "missing field `name`",
+        ),
+        (ra("  - issuer: i\n    jwksUri: https://k/jwks\n    timeout: soon\n"), 9, Some("timeout"), "not a positive duration"),
+        (ra("  - issuer: i\n    jwksUri: https://k/jwks\n    timeout: 0s\n"), 9, Some("timeout"), "not a positive duration"),
+        (
+            ra("  - issuer: i\n    jwksUri: https://k/jwks\n    outputClaimToHeaders:\n    - header: x-sub\n      claim: \"\"\n"),
+            11,
+            Some("claim"),
+            "must not be empty",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: x\nspec:\n  targetRef:\n    kind: Gateway\n    name: gw\n"
+                .into(),
+            7,
+            None,
+            "targetRef is not supported",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  rules:\n  - to:\n    - operation:\n        paths: [\"/a/{*}\", \"/{**}/b/{*}\"]\n".into(),
+            9,
+            Some("paths"),
+            "must be the last operator",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  rules:\n  - to:\n    - operation:\n        notPaths:\n        - /api/{id}\n".into(),
+            10,
+            None,
+            "only `{*}` and `{**}`",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec:\n  rules:\n  - when:\n    - key: request.auth.claims[]\n      values: [a]\n".into(),
+            8,
+            Some("key"),
+            "unsupported condition key",
+        ),
+        (
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: x\n".into(),
+            2,
+            Some("kind"),
+            "PeerAuthentication, AuthorizationPolicy, RequestAuthentication and DestinationRule",
+        ),
+    ];
+    for (text, line, field, msg) in &cases {
+        let e = err(text);
+        assert_eq!(e.line, *line, "line for {msg}: {e}");
+        if field.is_some() {
+            assert_eq!(e.field.as_deref(), *field, "field for {msg}: {e}");
+        }
+        assert!(e.to_string().contains(msg), "{e} should say {msg}");
+    }
+}

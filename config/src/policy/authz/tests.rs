@@ -193,3 +193,182 @@ fn patterns_parse_as_istio_allows() {
     assert!(Pattern::parse("**").is_err());
     assert!(!Pattern::Any.matches(Some("")));
 }
+
+#[test]
+fn path_templates_match_segments_as_istio_documents() {
+    let cases: &[(&str, &str, bool)] = &[
+        ("/foo/{*}", "/foo/bar", true),
+        ("/foo/{*}", "/foo/bar/baz", false),
+        ("/foo/{*}", "/foo/", false),
+        ("/foo/{*}", "/foo", false),
+        ("/foo/{**}", "/foo/", true),
+        ("/foo/{**}", "/foo/a/b", true),
+        ("/foo/{**}", "/foo", false),
+        ("/foo/{**}", "/foobar", false),
+        ("/foo/{**}/", "/foo/bar/", true),
+        ("/foo/{**}/", "/foo//", true),
+        ("/foo/{**}/", "/foo/a/b/", true),
+        ("/foo/{**}/", "/foo/bar", false),
+        ("/foo/{*}/bar/{**}", "/foo/buzz/bar/", true),
+        ("/foo/{*}/bar/{**}", "/foo/buzz/bar/baz", true),
+        ("/foo/{*}/bar/{**}", "/foo/buzz/qux/baz", false),
+        ("/foo/{*}/bar/{**}", "/foo//bar/baz", false),
+        ("/{*}", "/x", true),
+        ("/{*}", "/", false),
+        ("/{**}", "/", true),
+        ("/{**}", "/a/b/c", true),
+        ("/{*}/{*}", "/a/b", true),
+        ("/{*}/{*}", "/a/b/c", false),
+        ("/api/{**}/edit", "/api/users/7/edit", true),
+        ("/api/{**}/edit", "/api//edit", true),
+        ("/api/{**}/edit", "/api/edit", false),
+        ("/api/{**}/edit", "/api/users/7/edits", false),
+    ];
+    for (template, path, want) in cases {
+        let p = Pattern::parse_path(template).unwrap_or_else(|e| panic!("{template}: {e}"));
+        assert!(matches!(p, Pattern::Template(_)), "{template}");
+        assert_eq!(p.matches(Some(path)), *want, "{template} against {path}");
+    }
+}
+
+#[test]
+fn invalid_path_templates_are_refused_and_plain_paths_parse_as_before() {
+    let cases: &[(&str, &str)] = &[
+        ("/*/baz/{*}", "cannot also use `*` wildcards"),
+        ("/**/baz/{*}", "cannot also use `*` wildcards"),
+        ("/foo/{*}*", "must fill its whole path segment"),
+        ("/{**}/foo/{*}", "must be the last operator"),
+        ("/{**}/{**}", "must be the last operator"),
+        ("/foo/{*}.txt", "must fill its whole path segment"),
+        ("/foo/{bar}", "only `{*}` and `{**}`"),
+        ("/foo/{*", "only `{*}` and `{**}`"),
+        ("/foo/}", "only `{*}` and `{**}`"),
+        ("foo/{*}", "must start with `/`"),
+    ];
+    for (value, why) in cases {
+        match Pattern::parse_path(value) {
+            Ok(p) => panic!("{value} parsed as {p:?}"),
+            Err(e) => assert!(e.contains(why), "{value}: {e} should say {why}"),
+        }
+    }
+    assert_eq!(Pattern::parse_path("/a/*").unwrap(), Pattern::Prefix("/a/".into()));
+    assert_eq!(Pattern::parse_path("/a").unwrap(), Pattern::Exact("/a".into()));
+    assert_eq!(
+        Pattern::parse("/a/{x}").unwrap(),
+        Pattern::Exact("/a/{x}".into()),
+        "other fields keep braces literal"
+    );
+}
+
+#[test]
+fn hosts_match_case_insensitively_and_without_port_unless_the_pattern_has_one() {
+    let cases: &[(&str, &str, bool)] = &[
+        ("example.com", "example.com", true),
+        ("example.com", "Example.COM:8080", true),
+        ("Example.com", "example.COM", true),
+        ("example.com", "example.com.evil", false),
+        ("example.com", "example.com:", true),
+        ("example.com:8080", "example.com:8080", true),
+        ("example.com:8080", "example.com", false),
+        ("example.com:8080", "example.com:9090", false),
+        ("example.com:*", "EXAMPLE.com:443", true),
+        ("example.com:*", "example.com", false),
+        ("*.example.com", "API.example.com:8443", true),
+        ("*.example.com", "example.com", false),
+        ("*:8080", "anything:8080", true),
+        ("*:8080", "anything", false),
+        ("api.*", "Api.internal:80", true),
+        ("*", "x:1", true),
+        ("*", "", false),
+        ("[::1]", "[::1]:8080", true),
+        ("[::1]:8080", "[::1]:8080", true),
+        ("[::1]:8080", "[::1]", false),
+    ];
+    for (pattern, authority, want) in cases {
+        let p = Pattern::parse_host(pattern).unwrap();
+        assert_eq!(p.matches_authority(authority), *want, "{pattern} against {authority}");
+    }
+    let ps = policies(&ap(
+        "deny-admin-host",
+        "  action: DENY\n  rules:\n  - to:\n    - operation:\n        hosts: [\"Admin.Example.com\"]\n        paths: [\"/internal/{**}\"]",
+    ));
+    let req = |host: &str, path: &str| HttpAttributes {
+        host: host.into(),
+        method: "GET".into(),
+        path: path.into(),
+        ..Default::default()
+    };
+    assert!(decide(&ps, &mtls("a"), Some(&req("admin.example.COM:8443", "/internal/x"))).is_err());
+    assert!(decide(&ps, &mtls("a"), Some(&req("admin.example.com", "/internal"))).is_ok());
+    assert!(decide(&ps, &mtls("a"), Some(&req("www.example.com", "/internal/x"))).is_ok());
+}
+
+#[test]
+fn condition_keys_parse_known_names_only() {
+    let claim = |c: &str| Some(ConditionKey::Request(RequestKey::Claim(c.into())));
+    let cases: &[(&str, Option<ConditionKey>)] = &[
+        ("request.auth.principal", Some(ConditionKey::Request(RequestKey::Principal))),
+        ("request.auth.audiences", Some(ConditionKey::Request(RequestKey::Audiences))),
+        ("request.auth.presenter", Some(ConditionKey::Request(RequestKey::Presenter))),
+        ("request.auth.claims[groups]", claim("groups")),
+        ("request.auth.claims[realm][roles]", claim("realm.roles")),
+        ("request.auth.claims[a][b][c]", claim("a.b.c")),
+        ("request.headers[X-Api-Key]", Some(ConditionKey::Request(RequestKey::Header("x-api-key".into())))),
+        ("source.principal", Some(ConditionKey::SourcePrincipal)),
+        ("request.auth.claims", None),
+        ("request.auth.claims[]", None),
+        ("request.auth.claims[a]b", None),
+        ("request.auth.claims[a][]", None),
+        ("request.auth.claims[a[b]]", None),
+        ("request.auth.claimz[a]", None),
+        ("request.auth.issuer", None),
+        ("request.auth.principals", None),
+        ("request.headers[]", None),
+        ("request.headers[a][b]", None),
+        ("request.method", None),
+        ("source.color", None),
+    ];
+    for (key, want) in cases {
+        assert_eq!(ConditionKey::parse(key), *want, "{key}");
+    }
+}
+
+#[test]
+fn jwt_conditions_match_any_element_of_a_list_claim() {
+    let ps = policies(&ap(
+        "jwt",
+        "  rules:\n  - when:\n    - key: request.auth.claims[groups]\n      values: [\"admin\"]\n      notValues: [\"banned\"]\n    - key: request.auth.audiences\n      values: [\"svc-*\"]\n    - key: request.auth.presenter\n      values: [\"web\"]\n    - key: request.auth.claims[realm][tier]\n      notValues: [\"free\"]",
+    ));
+    let req = |claims: &[(&str, &[&str])]| HttpAttributes {
+        host: "svc".into(),
+        method: "GET".into(),
+        path: "/".into(),
+        request_principal: Some("iss/alice".into()),
+        claims: claims
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.iter().map(|s| (*s).to_owned()).collect()))
+            .collect(),
+        ..Default::default()
+    };
+    let base: Vec<(&str, &[&str])> =
+        vec![("groups", &["dev", "admin"]), ("aud", &["x", "svc-a"]), ("azp", &["web"])];
+    let with = |extra: (&'static str, &'static [&'static str])| {
+        let mut c = base.clone();
+        c.retain(|(k, _)| *k != extra.0);
+        c.push(extra);
+        req(&c)
+    };
+    let cases: &[(&str, HttpAttributes, bool)] = &[
+        ("all conditions hold, admin is the second group", req(&base), true),
+        ("not in admin", with(("groups", &["dev"])), false),
+        ("admin but also banned", with(("groups", &["admin", "banned"])), false),
+        ("no groups claim", with(("groups", &[])), false),
+        ("no matching audience", with(("aud", &["x"])), false),
+        ("other presenter", with(("azp", &["cli"])), false),
+        ("nested claim in notValues", with(("realm.tier", &["gold", "free"])), false),
+        ("nested claim elsewhere", with(("realm.tier", &["gold"])), true),
+    ];
+    for (what, http, want) in cases {
+        assert_eq!(decide(&ps, &mtls("a"), Some(http)).is_ok(), *want, "{what}");
+    }
+}

@@ -1,0 +1,171 @@
+//! Header handling shared by both directions: hop-by-hop removal, `x-request-id`, the
+//! `x-forwarded-client-cert` value Envoy sets for a mutual-TLS peer, and keycard's own hop header.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use keycard_config::SpiffeId;
+
+/// Set by the outbound sidecar: the protocol the calling app used (`h1` or `h2`), so the inbound
+/// sidecar can deliver the request in it. Trusted only from a mutual-TLS peer; never reaches apps.
+pub const DOWNSTREAM_PROTOCOL: HeaderName = HeaderName::from_static("x-keycard-proto");
+/// On a 403: the rule that denied (`ns[..]-policy[..]-rule[..]`, or `none`).
+pub const DENIED_BY: HeaderName = HeaderName::from_static("x-keycard-denied-by");
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1): those named in `Connection` and the fixed set.
+/// `te: trailers` survives (gRPC needs it); `upgrade` survives when `keep_upgrade`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    if !keep_upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    h.remove(header::TRANSFER_ENCODING);
+    let te_trailers = h
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    h.remove(header::TE);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the like).
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// The request's `x-request-id`, generated (UUID v4) when absent or unreadable.
+pub fn ensure_request_id(h: &mut HeaderMap) -> String {
+    if let Some(id) = h.get(REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()) {
+        return id.to_owned();
+    }
+    let id = uuid_v4();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert(REQUEST_ID, v);
+    }
+    id
+}
+
+fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    // The system RNG failing leaves zeros: still a unique-enough correlation id is not promised
+    // then, but nothing security-relevant depends on it.
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// Envoy's XFCC element for a verified peer: `By=<us>;Hash=<sha256 of its leaf>;Subject="";URI=<peer>`.
+pub fn xfcc_element(us: &SpiffeId, peer_leaf: &[u8], peer: &SpiffeId) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, peer_leaf);
+    let hash: String = digest.as_ref().iter().map(|x| format!("{x:02x}")).collect();
+    format!("By={us};Hash={hash};Subject=\"\";URI={peer}")
+}
+
+/// Sets XFCC for the app: appended to what a mutual-TLS mesh hop sent (Envoy's APPEND_FORWARD),
+/// removed for anyone else (an app cannot assert a client certificate).
+pub fn set_xfcc(h: &mut HeaderMap, element: Option<&str>) {
+    let Some(element) = element else {
+        h.remove(XFCC);
+        return;
+    };
+    let previous: Vec<String> =
+        h.get_all(XFCC).iter().filter_map(|v| v.to_str().ok()).map(str::to_owned).collect();
+    let mut value = previous.join(",");
+    if !value.is_empty() {
+        value.push(',');
+    }
+    value.push_str(element);
+    h.remove(XFCC);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(XFCC, v);
+    }
+}
+
+/// Lower-case header names to values (repeated headers joined with `,`), for policy `when`.
+pub fn for_policy(h: &HeaderMap) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::<String, String>::new();
+    for (name, value) in h {
+        let Ok(v) = value.to_str() else { continue };
+        out.entry(name.as_str().to_owned())
+            .and_modify(|e| {
+                e.push(',');
+                e.push_str(v);
+            })
+            .or_insert_with(|| v.to_owned());
+    }
+    out
+}
+
+/// The request's `request_protocol` label: `grpc` for gRPC content types, else `http`.
+pub fn request_protocol(h: &HeaderMap) -> &'static str {
+    let grpc = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if grpc { "grpc" } else { "http" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["te", "x-kept"]);
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn xfcc_is_appended_for_mesh_peers_and_removed_otherwise() {
+        let us = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/details").unwrap();
+        let peer = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/productpage").unwrap();
+        let e = xfcc_element(&us, b"leaf", &peer);
+        assert!(e.starts_with("By=spiffe://cluster.local/ns/default/sa/details;Hash="), "{e}");
+        assert!(e.ends_with(";Subject=\"\";URI=spiffe://cluster.local/ns/default/sa/productpage"));
+        let mut h = HeaderMap::new();
+        h.insert(XFCC, HeaderValue::from_static("By=a;URI=b"));
+        set_xfcc(&mut h, Some(&e));
+        assert_eq!(h[XFCC].to_str().unwrap(), format!("By=a;URI=b,{e}"));
+        set_xfcc(&mut h, None);
+        assert!(h.get(XFCC).is_none());
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_eq!(ensure_request_id(&mut h), id);
+        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id);
+    }
+}

@@ -1,0 +1,242 @@
+//! Inbound HTTP: per request, path normalisation, JWT authentication, authorization with the
+//! full operation set, then forwarding to the app over a pooled connection in the protocol the
+//! port declares (or, on `auto` ports, the one the calling app used), with XFCC set.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use keycard_config::SpiffeId;
+use keycard_config::http::normalize_path;
+use keycard_config::policy::authz::{Attributes, HttpAttributes};
+use keycard_config::sidecar::{InboundPort, Protocol};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::body::{self, Body, Counted};
+use super::headers::{self, DENIED_BY, DOWNSTREAM_PROTOCOL};
+use super::{AppConnector, Exchange, Verdict, bridge, local, respond};
+use crate::conns::ConnFacts;
+use crate::sidecar::{Direction, Shared};
+
+/// Who is on the other end of one downstream connection.
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub local: SocketAddr,
+    /// The verified SPIFFE ID of a mutual-TLS peer.
+    pub identity: Option<SpiffeId>,
+    /// This hop's XFCC element (mutual-TLS peers only).
+    pub xfcc: Option<String>,
+    pub sni: Option<String>,
+}
+
+/// One inbound port's HTTP handling, shared by its connections (so app connections are pooled
+/// across them).
+pub struct InboundHttp {
+    shared: Arc<Shared>,
+    port: Arc<InboundPort>,
+    builder: auto::Builder<TokioExecutor>,
+    app_h1: Client<AppConnector, Body>,
+    app_h2: Client<AppConnector, Body>,
+}
+
+impl InboundHttp {
+    pub fn new(shared: Arc<Shared>, port: Arc<InboundPort>) -> Arc<Self> {
+        let connector = AppConnector { addr: port.app, timeout: shared.limits.connect_timeout };
+        let client = |h2: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(256)
+                .http2_only(h2)
+                .build(connector.clone())
+        };
+        let builder = super::server::builder(&shared.http);
+        Arc::new(Self { app_h1: client(false), app_h2: client(true), builder, shared, port })
+    }
+
+    /// Serves one downstream connection (already past mutual TLS and the mode check).
+    pub async fn serve_conn<I>(self: &Arc<Self>, io: I, peer: Peer)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = &self.shared;
+        shared.metrics.http_connections.with_label_values(&["inbound"]).inc();
+        let kill = shared.drain.child_token();
+        let facts = ConnFacts {
+            source_ip: peer.addr.ip(),
+            principal: peer.identity.clone(),
+            destination_ip: peer.local.ip(),
+            port: self.port.port,
+            sni: peer.sni.clone(),
+            http: true,
+        };
+        let _registration = shared.live.register(facts, kill.clone());
+        let (this, peer) = (self.clone(), Arc::new(peer));
+        let svc = service_fn(move |req| {
+            let (this, peer) = (this.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(this.request(req, &peer).await) }
+        });
+        let (idle, stopping) = (shared.limits.idle_timeout, shared.stopping.clone());
+        super::server::serve(&self.builder, io, svc, idle, stopping, kill).await;
+    }
+
+    async fn request(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let shared = &self.shared;
+        let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let authority = super::authority_of(&parts);
+        let mut ex = Exchange {
+            direction: Direction::Inbound,
+            src_addr: peer.addr,
+            src_identity: peer.identity.clone(),
+            dst_addr: self.port.app,
+            dst_identity: Some(shared.id.clone()),
+            mtls: peer.identity.is_some(),
+            policy: "-".to_owned(),
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            authority: authority.clone(),
+            request_id: String::new(),
+            protocol: headers::request_protocol(&parts.headers),
+            started: Instant::now(),
+            request_bytes: Default::default(),
+        };
+        // Only a mutual-TLS peer (a sidecar) may say what protocol its app used.
+        let sent_as = parts.headers.remove(DOWNSTREAM_PROTOCOL).filter(|_| peer.identity.is_some());
+        ex.request_id = headers::ensure_request_id(&mut parts.headers);
+        let path = match normalize_path(parts.uri.path(), shared.http.path_normalization) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "request path refused");
+                return local(shared, ex, StatusCode::BAD_REQUEST, "Bad Request\n", BAD_PATH, &[]);
+            }
+        };
+        ex.path.clone_from(&path);
+        let policy = shared.policy.borrow().clone();
+        let jwt = match super::authn::authenticate(&policy.jwt_rules, &mut parts, &shared.jwks).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(reason = e.reason, detail = %e.detail, "JWT refused");
+                let verdict = Verdict { decision: "deny", reason: e.reason, flags: "-" };
+                let challenge = (
+                    header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"keycard\", error=\"invalid_token\"".to_owned(),
+                );
+                return local(
+                    shared,
+                    ex,
+                    StatusCode::UNAUTHORIZED,
+                    "Jwt verification fails",
+                    verdict,
+                    &[challenge],
+                );
+            }
+        };
+        let (request_principal, claims) = jwt.map(|v| (Some(v.principal), v.claims)).unwrap_or_default();
+        let attrs = HttpAttributes {
+            host: authority.to_ascii_lowercase(),
+            method: parts.method.to_string(),
+            path: path.clone(),
+            request_principal,
+            headers: headers::for_policy(&parts.headers),
+            claims,
+        };
+        let decision = shared.authorize_attrs(&Attributes {
+            source_ip: peer.addr.ip(),
+            source_principal: peer.identity.as_ref(),
+            destination_ip: peer.local.ip(),
+            destination_port: self.port.port,
+            sni: peer.sni.as_deref(),
+            http: Some(&attrs),
+        });
+        match decision {
+            Ok(permit) => ex.policy = permit.policy_label(),
+            Err(denied) => {
+                ex.policy = denied.policy_label();
+                let verdict = Verdict { decision: "deny", reason: denied.reason(), flags: "RBAC" };
+                let by = (DENIED_BY, ex.policy.clone());
+                return local(shared, ex, StatusCode::FORBIDDEN, "RBAC: access denied", verdict, &[by]);
+            }
+        }
+        let h2 = match self.port.protocol() {
+            Protocol::Http2 | Protocol::Grpc => true,
+            Protocol::Http => false,
+            _ => match sent_as {
+                Some(v) => v == "h2",
+                None => parts.version == Version::HTTP_2,
+            },
+        };
+        let downstream_version = parts.version;
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        headers::set_xfcc(&mut parts.headers, peer.xfcc.as_deref());
+        let target = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let host = if authority.is_empty() { self.port.app.to_string() } else { authority };
+        parts.uri = match format!("http://{host}{target}").parse() {
+            Ok(u) => u,
+            Err(_) => return local(shared, ex, StatusCode::BAD_REQUEST, "Bad Request\n", BAD_PATH, &[]),
+        };
+        if h2 && !upgrade {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        } else {
+            parts.version = Version::HTTP_11;
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let body = body::boxed(Counted::new(body, ex.request_bytes.clone()));
+        let client = if parts.version == Version::HTTP_2 { &self.app_h2 } else { &self.app_h1 };
+        let sent = client.request(Request::from_parts(parts, body));
+        let timeout = shared.http.request_timeout;
+        let result = if timeout.is_zero() {
+            sent.await
+        } else {
+            match tokio::time::timeout(timeout, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let v = Verdict { decision: "allow", reason: "upstream_timeout", flags: "UT" };
+                    return local(
+                        shared,
+                        ex,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout\n",
+                        v,
+                        &[],
+                    );
+                }
+            }
+        };
+        match result {
+            Ok(mut resp) => {
+                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if switching && let Some(downstream) = on_upgrade {
+                    bridge(shared, downstream, hyper::upgrade::on(&mut resp));
+                }
+                headers::strip_hop_by_hop(resp.headers_mut(), switching);
+                *resp.version_mut() = downstream_version;
+                respond(shared, ex, Verdict::FORWARDED, resp, ())
+            }
+            Err(e) => {
+                let flags = if e.is_connect() { "UF" } else { "UC" };
+                tracing::debug!(error = %e, "app request failed");
+                let v = Verdict { decision: "allow", reason: "app_unreachable", flags };
+                let text = "upstream connect error or disconnect/reset before headers\n";
+                local(shared, ex, StatusCode::SERVICE_UNAVAILABLE, text, v, &[])
+            }
+        }
+    }
+}
+
+const BAD_PATH: Verdict = Verdict { decision: "deny", reason: "bad_request", flags: "-" };

@@ -1,0 +1,215 @@
+//! L7: HTTP/1.1, HTTP/2 and gRPC through the sidecar. Inbound, hyper serves the decrypted stream
+//! and every request is authenticated (JWT), authorized and forwarded to the app over pooled
+//! connections in the protocol it expects; outbound, the app's requests travel to the remote
+//! sidecar over a pool of mutual-TLS HTTP/2 connections. WebSocket-style upgrades get a
+//! dedicated mutual-TLS HTTP/1.1 connection and are bridged as bytes once switched.
+
+pub mod authn;
+pub mod body;
+pub mod headers;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+pub mod server;
+pub mod sniff;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use keycard_config::SpiffeId;
+use tokio::net::TcpStream;
+
+use self::body::{Body, BoxError, Outcome, Tracked};
+use crate::sidecar::{Direction, Shared};
+
+/// One request as it is reported when its response ends: a metric sample and an access event.
+pub struct Exchange {
+    pub direction: Direction,
+    pub src_addr: SocketAddr,
+    pub src_identity: Option<SpiffeId>,
+    pub dst_addr: SocketAddr,
+    pub dst_identity: Option<SpiffeId>,
+    pub mtls: bool,
+    /// The deciding rule, `none`, or `-` where no policy is evaluated (outbound).
+    pub policy: String,
+    pub method: String,
+    /// Normalised (inbound) or as sent (outbound), query stripped.
+    pub path: String,
+    pub authority: String,
+    pub request_id: String,
+    pub protocol: &'static str,
+    pub started: Instant,
+    pub request_bytes: Arc<AtomicU64>,
+}
+
+/// What decided a response, for the metric flags and the access event.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict {
+    pub decision: &'static str,
+    pub reason: &'static str,
+    /// Envoy's response flags: `-`, `RBAC`, `UF`, `UT`, `UC`, `DC`, ...
+    pub flags: &'static str,
+}
+
+impl Verdict {
+    pub const FORWARDED: Self = Self { decision: "allow", reason: "-", flags: "-" };
+}
+
+impl Exchange {
+    fn finish(&self, shared: &Shared, status: u16, verdict: Verdict, outcome: &Outcome) {
+        let flags = if outcome.complete || verdict.flags != "-" { verdict.flags } else { "DC" };
+        let principal = |id: Option<&SpiffeId>| id.map_or_else(|| "unknown".to_owned(), ToString::to_string);
+        let ns = |id: Option<&SpiffeId>| {
+            id.and_then(|i| i.k8s()).map_or_else(|| "unknown".to_owned(), |k| k.namespace.to_owned())
+        };
+        let status_text = status.to_string();
+        let grpc = outcome.grpc_status.as_deref().unwrap_or("");
+        let labels = [
+            if self.direction == Direction::Inbound { "destination" } else { "source" },
+            &principal(self.src_identity.as_ref()),
+            &principal(self.dst_identity.as_ref()),
+            &ns(self.src_identity.as_ref()),
+            &ns(self.dst_identity.as_ref()),
+            self.protocol,
+            &status_text,
+            grpc,
+            if self.mtls { "mutual_tls" } else { "none" },
+            flags,
+        ];
+        let m = &shared.metrics;
+        let elapsed = self.started.elapsed();
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        m.requests.with_label_values(&labels).inc();
+        m.request_duration.with_label_values(&labels).observe(elapsed.as_secs_f64() * 1000.0);
+        m.request_bytes.with_label_values(&labels).observe(request_bytes as f64);
+        m.response_bytes.with_label_values(&labels).observe(outcome.bytes as f64);
+        tracing::info!(
+            target: "keycard::access",
+            direction = self.direction.as_str(),
+            src.addr = %self.src_addr,
+            src.identity = self.src_identity.as_ref().map_or("-", SpiffeId::as_str),
+            dst.addr = %self.dst_addr,
+            dst.identity = self.dst_identity.as_ref().map_or("-", SpiffeId::as_str),
+            mtls = self.mtls,
+            protocol = self.protocol,
+            method = %self.method,
+            path = %self.path,
+            authority = %self.authority,
+            status,
+            grpc_status = grpc,
+            request_id = %self.request_id,
+            policy = %self.policy,
+            decision = verdict.decision,
+            reason = verdict.reason,
+            response_flags = flags,
+            bytes_sent = outcome.bytes,
+            bytes_recv = request_bytes,
+            duration_ms = elapsed.as_millis() as u64,
+            "access"
+        );
+    }
+}
+
+/// Hands `resp` back with a body that reports the exchange when it ends. `hold` (a pooled
+/// connection lease) lives as long as the body.
+pub fn respond<B>(
+    shared: &Arc<Shared>,
+    ex: Exchange,
+    verdict: Verdict,
+    resp: Response<B>,
+    hold: impl Send + 'static,
+) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let status = resp.status().as_u16();
+    let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (parts, inner) = resp.into_parts();
+    let shared = shared.clone();
+    let done = Box::new(move |outcome: Outcome| {
+        let _hold = hold;
+        ex.finish(&shared, status, verdict, &outcome);
+    });
+    Response::from_parts(parts, body::boxed(Tracked::new(inner, grpc, done)))
+}
+
+/// A response made here (400, 401, 403, 503, 504), reported like any other.
+pub fn local(
+    shared: &Arc<Shared>,
+    ex: Exchange,
+    status: StatusCode,
+    text: &'static str,
+    verdict: Verdict,
+    extra: &[(http::HeaderName, String)],
+) -> Response<Body> {
+    let mut resp = Response::new(body::full(text));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    for (name, value) in extra {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name.clone(), v);
+        }
+    }
+    respond(shared, ex, verdict, resp, ())
+}
+
+/// Once both sides have switched protocols, copies bytes between them (idle deadline and drain
+/// as for TCP), as a tracked task.
+pub fn bridge(shared: &Arc<Shared>, downstream: OnUpgrade, upstream: OnUpgrade) {
+    let cancel = shared.drain.child_token();
+    let idle = shared.limits.idle_timeout;
+    shared.tracker.spawn(async move {
+        let (Ok(a), Ok(b)) = tokio::join!(downstream, upstream) else { return };
+        crate::forward::pipe(TokioIo::new(a), TokioIo::new(b), idle, cancel).await;
+    });
+}
+
+/// `host[:port]` of a request: the URI's authority (HTTP/2, absolute form) or `Host`.
+pub fn authority_of(parts: &http::request::Parts) -> String {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Connects hyper-util's pooled client to one app address, whatever the request URI says (the
+/// URI keeps the original authority for the app to see).
+#[derive(Clone)]
+pub struct AppConnector {
+    pub addr: SocketAddr,
+    pub timeout: Duration,
+}
+
+type ConnectFuture = Pin<Box<dyn std::future::Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>>;
+
+impl tower_service::Service<http::Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let (addr, timeout) = (self.addr, self.timeout);
+        Box::pin(async move {
+            let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+            let _ = s.set_nodelay(true);
+            Ok(TokioIo::new(s))
+        })
+    }
+}

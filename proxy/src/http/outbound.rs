@@ -1,0 +1,187 @@
+//! Outbound HTTP: the app's HTTP/1.1 or h2c requests, carried to the remote sidecar over the
+//! pooled mutual-TLS HTTP/2 connections (upgrades over a dedicated HTTP/1.1 one).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use keycard_config::sidecar::Upstream;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::body::{self, Body, Counted};
+use super::headers::{self, DOWNSTREAM_PROTOCOL, XFCC};
+use super::pool::{ALPN_H1, DialError, Pool, dial};
+use super::{Exchange, Verdict, bridge, local, respond};
+use crate::outbound::{ConfigCache, Route};
+use crate::sidecar::{Direction, Shared};
+
+pub struct OutboundHttp {
+    shared: Arc<Shared>,
+    up: Upstream,
+    route: watch::Receiver<Route>,
+    pool: Pool,
+    upgrade_tls: ConfigCache,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl OutboundHttp {
+    pub fn new(shared: Arc<Shared>, up: Upstream, route: watch::Receiver<Route>) -> Arc<Self> {
+        let s = &shared.http;
+        let pool = Pool::new(up.remote, s.pool_max_connections, s.pool_streams_per_connection);
+        let builder = super::server::builder(s);
+        Arc::new(Self { shared, up, route, pool, upgrade_tls: ConfigCache::new(ALPN_H1), builder })
+    }
+
+    /// Serves one app connection.
+    pub async fn serve_conn(self: &Arc<Self>, app: TcpStream, peer: SocketAddr) {
+        let _ = app.set_nodelay(true);
+        self.shared.metrics.http_connections.with_label_values(&["outbound"]).inc();
+        let this = self.clone();
+        let svc = service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.request(req, peer).await) }
+        });
+        let kill = self.shared.drain.child_token();
+        let (idle, stopping) = (self.shared.limits.idle_timeout, self.shared.stopping.clone());
+        super::server::serve(&self.builder, app, svc, idle, stopping, kill).await;
+    }
+
+    async fn request(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let shared = &self.shared;
+        let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let downstream_version = parts.version;
+        let authority = Some(super::authority_of(&parts))
+            .filter(|a| !a.is_empty())
+            .or_else(|| self.up.host.clone())
+            .unwrap_or_else(|| self.up.remote.to_string());
+        let mut ex = Exchange {
+            direction: Direction::Outbound,
+            src_addr: peer,
+            src_identity: Some(shared.id.clone()),
+            dst_addr: self.up.remote,
+            dst_identity: None,
+            mtls: true,
+            policy: "-".to_owned(),
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            authority: authority.clone(),
+            request_id: String::new(),
+            protocol: headers::request_protocol(&parts.headers),
+            started: Instant::now(),
+            request_bytes: Default::default(),
+        };
+        ex.request_id = headers::ensure_request_id(&mut parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        // An app cannot assert a client certificate; the inbound sidecar sets XFCC.
+        parts.headers.remove(XFCC);
+        let proto = if downstream_version == Version::HTTP_2 { "h2" } else { "h1" };
+        parts.headers.insert(DOWNSTREAM_PROTOCOL, HeaderValue::from_static(proto));
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        parts.uri = match format!("http://{authority}{pq}").parse() {
+            Ok(u) => u,
+            Err(_) => return local(shared, ex, StatusCode::BAD_REQUEST, "bad request target\n", BAD, &[]),
+        };
+        let route = self.route.borrow().clone();
+        let body = body::boxed(Counted::new(body, ex.request_bytes.clone()));
+        if let Some(on_upgrade) = on_upgrade {
+            return self.upgrade(Request::from_parts(parts, body), on_upgrade, ex, &route, &authority).await;
+        }
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+        let lease = match self.pool.lease(shared, &route).await {
+            Ok(l) => l,
+            Err(e) => return unavailable(shared, ex, &e),
+        };
+        ex.dst_identity = lease.peer().cloned();
+        let sent = lease.send(Request::from_parts(parts, body));
+        let timeout = shared.http.request_timeout;
+        let result = if timeout.is_zero() {
+            sent.await
+        } else {
+            match tokio::time::timeout(timeout, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return local(
+                        shared,
+                        ex,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout\n",
+                        TIMEOUT,
+                        &[],
+                    );
+                }
+            }
+        };
+        match result {
+            Ok(mut resp) => {
+                headers::strip_hop_by_hop(resp.headers_mut(), false);
+                *resp.version_mut() = downstream_version;
+                respond(shared, ex, Verdict::FORWARDED, resp, lease)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream request failed");
+                local(shared, ex, StatusCode::SERVICE_UNAVAILABLE, RESET_TEXT, RESET, &[])
+            }
+        }
+    }
+
+    /// An HTTP/1.1 upgrade (WebSocket): a dedicated mutual-TLS HTTP/1.1 connection; once both
+    /// sides switch, bytes are bridged.
+    async fn upgrade(
+        &self,
+        mut req: Request<Body>,
+        downstream: hyper::upgrade::OnUpgrade,
+        mut ex: Exchange,
+        route: &Route,
+        authority: &str,
+    ) -> Response<Body> {
+        let shared = &self.shared;
+        let (stream, peer) = match dial(shared, self.up.remote, route, &self.upgrade_tls).await {
+            Ok(x) => x,
+            Err(e) => return unavailable(shared, ex, &e),
+        };
+        ex.dst_identity = peer;
+        let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+            return local(shared, ex, StatusCode::SERVICE_UNAVAILABLE, RESET_TEXT, RESET, &[]);
+        };
+        shared.tracker.spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        *req.version_mut() = Version::HTTP_11;
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        match send.send_request(req).await {
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    bridge(shared, downstream, hyper::upgrade::on(&mut resp));
+                }
+                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                headers::strip_hop_by_hop(resp.headers_mut(), switching);
+                respond(shared, ex, Verdict::FORWARDED, resp, ())
+            }
+            Err(_) => local(shared, ex, StatusCode::SERVICE_UNAVAILABLE, RESET_TEXT, RESET, &[]),
+        }
+    }
+}
+
+const BAD: Verdict = Verdict { decision: "deny", reason: "bad_request", flags: "-" };
+const TIMEOUT: Verdict = Verdict { decision: "allow", reason: "upstream_timeout", flags: "UT" };
+const RESET: Verdict = Verdict { decision: "allow", reason: "upstream_reset", flags: "UR" };
+const RESET_TEXT: &str = "upstream connect error or disconnect/reset before headers\n";
+
+/// 503 for a remote sidecar that could not be reached or did not pass mutual TLS.
+fn unavailable(shared: &Arc<Shared>, ex: Exchange, e: &DialError) -> Response<Body> {
+    tracing::debug!(error = %e, "cannot reach the upstream sidecar");
+    let verdict = Verdict { decision: "allow", reason: e.reason(), flags: "UF" };
+    local(shared, ex, StatusCode::SERVICE_UNAVAILABLE, RESET_TEXT, verdict, &[])
+}

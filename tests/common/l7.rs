@@ -1,0 +1,190 @@
+//! HTTP pieces for the L7 tests: an app that reports what it received, HTTP/1.1 and h2c clients,
+//! raw-socket requests, and a two-sidecar mesh with HTTP ports.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keycard_config::sidecar::Protocol;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::mesh::*;
+
+type AppBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// An HTTP app (HTTP/1.1 and h2c): `/echo` streams the request body back, `/status/N` answers
+/// N, anything else answers 200 with what arrived, one `name: value` line each.
+pub async fn inspect_app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    service_fn(|req: Request<Incoming>| async move { Ok::<_, hyper::Error>(inspect(req)) });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn inspect(req: Request<Incoming>) -> Response<AppBody> {
+    let path = req.uri().path().to_owned();
+    if path == "/echo" {
+        return Response::new(req.into_body().boxed());
+    }
+    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::from_u16(code).unwrap();
+        return r;
+    }
+    let h = req.headers();
+    let header = |n: &str| {
+        h.get_all(n).iter().map(|v| v.to_str().unwrap_or("?").to_owned()).collect::<Vec<_>>().join(",")
+    };
+    let host = req.uri().authority().map(|a| a.to_string()).unwrap_or_else(|| header("host"));
+    let mut out = format!(
+        "method: {}\ntarget: {}\nversion: {:?}\nhost: {host}\n",
+        req.method(),
+        req.uri().path_and_query().map_or("", |p| p.as_str()),
+        req.version()
+    );
+    for name in h.keys() {
+        out.push_str(&format!("{}: {}\n", name.as_str(), header(name.as_str())));
+    }
+    Response::new(full(&out))
+}
+
+fn full(s: &str) -> AppBody {
+    Full::new(Bytes::from(s.to_owned())).map_err(|never| match never {}).boxed()
+}
+
+/// One field of an inspect-app answer.
+pub fn field<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+    body.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")))
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn h1_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+/// `method` `http://addr{target}` with `headers`; a missing Host defaults to the details service.
+pub async fn call(
+    client: &HttpClient,
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut b = Request::builder().method(method).uri(format!("http://{addr}{target}"));
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        b = b.header("host", "details.default.svc.cluster.local");
+    }
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(b.body(Full::new(Bytes::new())).unwrap()),
+    )
+    .await
+    .expect("answer within 10 s")
+    .expect("request succeeds");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+/// Writes raw bytes, reads until the peer closes (or 5 s pass): everything that came back.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub const DETAILS: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-details";
+pub const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
+
+/// `details` (HTTP app behind a sidecar, port 9080) and `productpage`'s sidecar with one
+/// outbound to it.
+pub struct L7Mesh {
+    pub server: Running,
+    pub client: Running,
+    pub app: SocketAddr,
+    _policy: tempfile::TempDir,
+}
+
+impl L7Mesh {
+    pub async fn start(pki: &Pki, policy: &str, server_proto: Protocol, client_proto: Protocol) -> Self {
+        Self::with_app(pki, policy, server_proto, client_proto, inspect_app().await).await
+    }
+
+    pub async fn with_app(
+        pki: &Pki,
+        policy: &str,
+        server_proto: Protocol,
+        client_proto: Protocol,
+        app: SocketAddr,
+    ) -> Self {
+        let dir = policy_dir(policy);
+        let mut cfg = config(SidecarSpec {
+            ns: "default",
+            sa: "bookinfo-details",
+            labels: &[("app", "details")],
+            identity: pki.files("default", "bookinfo-details"),
+            inbound: vec![(9080, app)],
+            outbound: vec![],
+            policy: Some(dir.path().to_owned()),
+        });
+        cfg.inbound[0].protocol = Some(server_proto);
+        let server = start(cfg).await;
+        let mut cfg = config(SidecarSpec {
+            ns: "default",
+            sa: "bookinfo-productpage",
+            labels: &[("app", "productpage")],
+            identity: pki.files("default", "bookinfo-productpage"),
+            inbound: vec![],
+            outbound: vec![(server.inbound(9080), vec![Pki::id("default", "bookinfo-details")])],
+            policy: None,
+        });
+        cfg.outbound[0].protocol = Some(client_proto);
+        let client = start(cfg).await;
+        Self { server, client, app, _policy: dir }
+    }
+
+    /// Where productpage's app sends its requests.
+    pub fn outbound(&self) -> SocketAddr {
+        self.client.addrs.outbound[0]
+    }
+
+    pub async fn shutdown(self) {
+        self.client.shutdown().await;
+        self.server.shutdown().await;
+    }
+}

@@ -1,0 +1,332 @@
+//! L7 end to end over real sockets: an app's HTTP through productpage's sidecar, pooled mutual
+//! TLS HTTP/2 to details' sidecar, per-request policy there, and the app behind it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::l7::*;
+use common::mesh::*;
+use keycard_config::sidecar::Protocol;
+
+const STRICT_MESH: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\n";
+
+const REQUEST_POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: details-viewer, namespace: default}
+spec:
+  selector: {matchLabels: {app: details}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]}}]
+    to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/public/*", "/items/{*}/reviews"]
+        hosts: ["details.default.svc.cluster.local"]
+  - to: [{operation: {paths: ["/private"]}}]
+    when: [{key: "request.headers[x-role]", values: ["admin"]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: details}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin/*"]}}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_authorized_by_method_path_host_and_header_after_normalisation() {
+    let pki = Pki::new();
+    let mesh =
+        L7Mesh::start(&pki, &format!("{STRICT_MESH}{REQUEST_POLICY}"), Protocol::Http, Protocol::Http).await;
+    let c = h1_client();
+    let out = mesh.outbound();
+    let details = "details.default.svc.cluster.local";
+    // (method, target, host, extra header, expected status, path the app sees)
+    let cases: &[(&str, &str, &str, Option<(&str, &str)>, u16, Option<&str>)] = &[
+        ("GET", "/public/a", details, None, 200, Some("/public/a")),
+        ("GET", "/public/a?q=1", "DETAILS.default.svc.cluster.local:9080", None, 200, Some("/public/a?q=1")),
+        ("GET", "/public/a", "other.example", None, 403, None),
+        ("POST", "/public/a", details, None, 403, None),
+        ("GET", "/private", details, None, 403, None),
+        ("GET", "/private", details, Some(("x-role", "admin")), 200, Some("/private")),
+        ("GET", "/public/%2E%2E/private", details, None, 403, None),
+        ("GET", "/public/%2e%2e/private", details, Some(("x-role", "admin")), 200, Some("/private")),
+        ("GET", "/public/../private", details, None, 403, None),
+        ("GET", "/public/./b/../c", details, None, 200, Some("/public/c")),
+        ("GET", "/public/%7Euser", details, None, 200, Some("/public/~user")),
+        ("GET", "/admin/x", details, Some(("x-role", "admin")), 403, None),
+        ("GET", "/public/%2E%2E/admin/x", details, Some(("x-role", "admin")), 403, None),
+        ("GET", "/items/42/reviews", details, None, 200, Some("/items/42/reviews")),
+        ("GET", "/items/42/43/reviews", details, None, 403, None),
+    ];
+    for (method, target, host, extra, want, seen) in cases {
+        let mut headers = vec![("host", *host)];
+        headers.extend(extra.iter().copied());
+        let a = call(&c, out, method, target, &headers).await;
+        assert_eq!(a.status, *want, "{method} {target} (host {host}, {extra:?}): {}", a.body);
+        if let Some(seen) = seen {
+            assert_eq!(field(&a.body, "target"), Some(*seen), "{method} {target}");
+        } else {
+            assert_eq!(a.body, "RBAC: access denied");
+        }
+    }
+    // The deciding rule travels back with a 403.
+    let a = call(&c, out, "POST", "/public/a", &[]).await;
+    assert_eq!(a.headers["x-keycard-denied-by"], "none");
+    let a = call(&c, out, "GET", "/admin/x", &[("x-role", "admin")]).await;
+    assert_eq!(a.headers["x-keycard-denied-by"], "ns[default]-policy[deny-admin]-rule[0]");
+    let m = mesh.server.metrics();
+    assert!(
+        metric_sum(
+            &m,
+            "keycard_authz_decisions_total",
+            &["policy=\"ns[default]-policy[deny-admin]-rule[0]\"", "action=\"deny\""]
+        ) >= 3.0,
+        "{m}"
+    );
+    let denied = metric_sum(
+        &m,
+        "istio_requests_total",
+        &["reporter=\"destination\"", "response_code=\"403\"", "response_flags=\"RBAC\""],
+    );
+    assert_eq!(denied, 10.0, "{m}");
+    let allowed = metric_sum(
+        &m,
+        "istio_requests_total",
+        &[
+            "reporter=\"destination\"",
+            "response_code=\"200\"",
+            "connection_security_policy=\"mutual_tls\"",
+            &format!("source_principal=\"{PRODUCTPAGE}\""),
+        ],
+    );
+    assert_eq!(allowed, 7.0, "{m}");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_gets_the_callers_identity_in_xfcc_a_request_id_and_untouched_trace_headers() {
+    let pki = Pki::new();
+    let mesh =
+        L7Mesh::start(&pki, STRICT_MESH.trim_end_matches("---\n"), Protocol::Http, Protocol::Http).await;
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let a = call(
+        &h1_client(),
+        mesh.outbound(),
+        "GET",
+        "/",
+        &[
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://cluster.local/ns/default/sa/x;URI=spiffe://cluster.local/ns/default/sa/admin",
+            ),
+            ("traceparent", trace),
+            ("tracestate", "rojo=00f067aa0ba902b7"),
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+            ("x-keycard-proto", "h2"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let xfcc = field(&a.body, "x-forwarded-client-cert").expect("xfcc reaches the app");
+    assert!(!xfcc.contains("sa/admin"), "a forged XFCC was passed on: {xfcc}");
+    let parts: Vec<&str> = xfcc.split(';').collect();
+    assert_eq!(parts.len(), 4, "{xfcc}");
+    assert_eq!(parts[0], format!("By={DETAILS}"));
+    let hash = parts[1].strip_prefix("Hash=").unwrap();
+    assert!(hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()), "{xfcc}");
+    assert_eq!(parts[2], "Subject=\"\"");
+    assert_eq!(parts[3], format!("URI={PRODUCTPAGE}"));
+    assert_eq!(field(&a.body, "x-request-id").map(str::len), Some(36), "{}", a.body);
+    assert_eq!(field(&a.body, "traceparent"), Some(trace));
+    assert_eq!(field(&a.body, "tracestate"), Some("rojo=00f067aa0ba902b7"));
+    assert_eq!(field(&a.body, "x-b3-traceid"), Some("80f198ee56343ba864fe8b2a57d3eff7"));
+    assert_eq!(field(&a.body, "x-keycard-proto"), None, "keycard's hop header reached the app");
+    assert_eq!(field(&a.body, "version"), Some("HTTP/1.1"));
+    // A caller's own request id is kept.
+    let a = call(&h1_client(), mesh.outbound(), "GET", "/", &[("x-request-id", "abc-123")]).await;
+    assert_eq!(field(&a.body, "x-request-id"), Some("abc-123"));
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_callers_on_a_permissive_port_cannot_forge_xfcc() {
+    let pki = Pki::new();
+    let mesh = L7Mesh::start(&pki, "", Protocol::Http, Protocol::Http).await;
+    let a = call(
+        &h1_client(),
+        mesh.server.inbound(9080),
+        "GET",
+        "/",
+        &[
+            ("x-forwarded-client-cert", "By=a;URI=spiffe://cluster.local/ns/default/sa/admin"),
+            ("x-keycard-proto", "h2"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(field(&a.body, "x-forwarded-client-cert"), None, "{}", a.body);
+    assert_eq!(field(&a.body, "version"), Some("HTTP/1.1"), "an untrusted hop header was obeyed");
+    let m = mesh.server.metrics();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "istio_requests_total",
+            &["connection_security_policy=\"none\"", "source_principal=\"unknown\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_share_one_pooled_mtls_connection_and_keep_their_protocol() {
+    let pki = Pki::new();
+    let mesh =
+        L7Mesh::start(&pki, STRICT_MESH.trim_end_matches("---\n"), Protocol::Auto, Protocol::Http).await;
+    let out = mesh.outbound();
+    let h1 = h1_client();
+    for i in 0..30 {
+        let a = call(&h1, out, "GET", &format!("/seq/{i}"), &[]).await;
+        assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/1.1")), "{}", a.body);
+    }
+    let concurrent: Vec<_> = (0..30)
+        .map(|i| {
+            let h1 = h1.clone();
+            tokio::spawn(async move { call(&h1, out, "GET", &format!("/par/{i}"), &[]).await.status })
+        })
+        .collect();
+    for t in concurrent {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let h2 = h2c_client();
+    for i in 0..20 {
+        let a = call(&h2, out, "GET", &format!("/h2/{i}"), &[]).await;
+        assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/2.0")), "{}", a.body);
+    }
+    // A streamed 8 MiB body there and back.
+    let big = vec![b'k'; 8 << 20];
+    let req = http::Request::post(format!("http://{out}/echo"))
+        .header("host", "details.default.svc.cluster.local")
+        .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
+        .unwrap();
+    let resp = h1.request(req).await.unwrap();
+    let back = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    assert!(back.len() == big.len() && back.iter().all(|b| *b == b'k'));
+
+    let client = mesh.client.metrics();
+    assert_eq!(metric_sum(&client, "keycard_upstream_connections_opened_total", &[]), 1.0, "{client}");
+    assert_eq!(
+        metric_sum(
+            &client,
+            "istio_requests_total",
+            &[
+                "reporter=\"source\"",
+                "response_code=\"200\"",
+                &format!("destination_principal=\"{DETAILS}\"")
+            ]
+        ),
+        81.0,
+        "{client}"
+    );
+    let server = mesh.server.metrics();
+    assert_eq!(
+        metric_sum(&server, "keycard_http_connections_total", &["direction=\"inbound\""]),
+        1.0,
+        "{server}"
+    );
+    assert_eq!(
+        metric_sum(
+            &server,
+            "istio_requests_total",
+            &["reporter=\"destination\"", "connection_security_policy=\"mutual_tls\""]
+        ),
+        81.0,
+        "{server}"
+    );
+    assert!(
+        metric_sum(&server, "istio_request_bytes_sum", &["reporter=\"destination\""]) >= (8 << 20) as f64,
+        "{server}"
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let pki = Pki::new();
+    let mesh = L7Mesh::start(&pki, "", Protocol::Http, Protocol::Http).await;
+    let big = "a".repeat(70 * 1024);
+    let r =
+        raw(mesh.outbound(), format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{}", &r[..r.len().min(200)]);
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let r = raw(mesh.outbound(), format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{}", &r[..r.len().min(200)]);
+    // The same limits hold on the inbound side.
+    let r = raw(
+        mesh.server.inbound(9080),
+        format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{}", &r[..r.len().min(200)]);
+    mesh.shutdown().await;
+}
+
+/// An app that speaks first (like SMTP or MySQL): a banner on accept, then echo.
+async fn banner_app() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt as _;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 ready\r\n").await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_ports_fall_back_to_tcp_and_server_first_protocols_still_work() {
+    use tokio::io::AsyncReadExt as _;
+    let pki = Pki::new();
+    for (proto, timeouts) in [(Protocol::Tcp, 0.0), (Protocol::Auto, 1.0)] {
+        let mesh = L7Mesh::with_app(
+            &pki,
+            STRICT_MESH.trim_end_matches("---\n"),
+            proto,
+            Protocol::Tcp,
+            banner_app().await,
+        )
+        .await;
+        let mut s = tokio::net::TcpStream::connect(mesh.outbound()).await.unwrap();
+        let mut banner = [0u8; 11];
+        tokio::time::timeout(Duration::from_secs(8), s.read_exact(&mut banner))
+            .await
+            .expect("banner in time")
+            .unwrap();
+        assert_eq!(&banner, b"220 ready\r\n");
+        exchange(&mut s, b"HELO x").await.unwrap();
+        let m = mesh.server.metrics();
+        assert_eq!(metric_sum(&m, "keycard_protocol_detect_timeouts_total", &[]), timeouts, "{proto:?}: {m}");
+        // Client-first TCP on an auto port is sniffed as not-HTTP and forwarded at once.
+        let mut s2 = tokio::net::TcpStream::connect(mesh.outbound()).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s2, b"ping").await.unwrap();
+        let mut got = [0u8; 15];
+        tokio::time::timeout(Duration::from_secs(1), s2.read_exact(&mut got))
+            .await
+            .expect("no sniffing delay")
+            .unwrap();
+        assert_eq!(&got, b"220 ready\r\nping");
+        drop(s);
+        mesh.shutdown().await;
+    }
+}
