@@ -330,3 +330,347 @@ async fn auto_ports_fall_back_to_tcp_and_server_first_protocols_still_work() {
         mesh.shutdown().await;
     }
 }
+
+/// A JWKS server on loopback; returns its URL.
+async fn jwks_server(jwks: String) -> String {
+    use hyper::service::service_fn;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let jwks = jwks.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let body = jwks.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}/jwks.json")
+}
+
+/// An ES256 signing key and its public JWK (`kid`).
+struct JwtKey {
+    pkcs8: Vec<u8>,
+    jwk: String,
+}
+
+impl JwtKey {
+    fn new(kid: &str) -> Self {
+        use base64::Engine as _;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let raw = key.public_key_raw();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwk = format!(
+            r#"{{"kty":"EC","crv":"P-256","alg":"ES256","use":"sig","kid":"{kid}","x":"{}","y":"{}"}}"#,
+            b64(&raw[1..33]),
+            b64(&raw[33..65])
+        );
+        Self { pkcs8: key.serialize_der(), jwk }
+    }
+
+    fn sign(&self, kid: &str, claims: serde_json::Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.to_owned());
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&self.pkcs8);
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_are_verified_required_by_policy_and_stripped_before_the_app() {
+    let issuer_key = JwtKey::new("k1");
+    let inline_key = JwtKey::new("in1");
+    let stranger = JwtKey::new("k1");
+    let uri = jwks_server(format!(r#"{{"keys":[{}]}}"#, issuer_key.jwk)).await;
+    let inline_jwks = format!(r#"{{"keys":[{}]}}"#, inline_key.jwk).replace('"', "\\\"");
+    let policy = format!(
+        r#"{STRICT_MESH}apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: details}}}}
+  jwtRules:
+  - issuer: "https://issuer.example"
+    audiences: ["details"]
+    jwksUri: "{uri}"
+  - issuer: "inline"
+    jwks: "{inline_jwks}"
+    fromHeaders: [{{name: x-jwt}}]
+    forwardOriginalToken: true
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: details-jwt, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: details}}}}
+  rules:
+  - to: [{{operation: {{paths: ["/public/*"]}}}}]
+  - from: [{{source: {{requestPrincipals: ["https://issuer.example/alice", "inline/*"]}}}}]
+    to: [{{operation: {{paths: ["/secure/*"]}}}}]
+  - to: [{{operation: {{paths: ["/admin/*"]}}}}]
+    when: [{{key: "request.auth.claims[groups]", values: ["admins"]}}]
+"#
+    );
+    let pki = Pki::new();
+    let mesh = L7Mesh::start(&pki, &policy, Protocol::Http, Protocol::Http).await;
+    let (c, out) = (h1_client(), mesh.outbound());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let token = |key: &JwtKey, sub: &str, extra: serde_json::Value| {
+        let mut claims = serde_json::json!({"iss": "https://issuer.example", "sub": sub, "aud": "details", "exp": now + 600});
+        if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        format!("Bearer {}", key.sign("k1", claims))
+    };
+    let alice = token(&issuer_key, "alice", serde_json::json!({}));
+    let get = |target: &'static str, headers: Vec<(&'static str, String)>| {
+        let c = c.clone();
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            call(&c, out, "GET", target, &h).await
+        }
+    };
+    // No token: no request principal, so only the open path is allowed.
+    assert_eq!(get("/public/x", vec![]).await.status, 200);
+    assert_eq!(get("/secure/x", vec![]).await.status, 403);
+    // A valid token: allowed, and the app never sees it.
+    let a = get("/secure/x", vec![("authorization", alice.clone())]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(field(&a.body, "authorization"), None, "the token reached the app");
+    // Valid but not the principal the rule wants.
+    assert_eq!(
+        get("/secure/x", vec![("authorization", token(&issuer_key, "bob", serde_json::json!({})))])
+            .await
+            .status,
+        403
+    );
+    // Invalid tokens are refused even on open paths.
+    for (why, bad) in [
+        ("foreign key", token(&stranger, "alice", serde_json::json!({}))),
+        ("expired", token(&issuer_key, "alice", serde_json::json!({"exp": now - 3600}))),
+        ("wrong audience", token(&issuer_key, "alice", serde_json::json!({"aud": "reviews"}))),
+        ("garbage", "Bearer not.a.jwt".to_owned()),
+    ] {
+        let a = get("/public/x", vec![("authorization", bad)]).await;
+        assert_eq!((a.status, a.body.as_str()), (401, "Jwt verification fails"), "{why}");
+    }
+    // Claims in `when`: any element of an array claim.
+    let admins = token(&issuer_key, "carol", serde_json::json!({"groups": ["devs", "admins"]}));
+    assert_eq!(get("/admin/x", vec![("authorization", admins)]).await.status, 200);
+    let devs = token(&issuer_key, "dave", serde_json::json!({"groups": ["devs"]}));
+    assert_eq!(get("/admin/x", vec![("authorization", devs)]).await.status, 403);
+    // The inline-JWKS issuer, from its own header, forwarded as configured.
+    let inline = inline_key.sign("in1", serde_json::json!({"iss": "inline", "sub": "svc", "exp": now + 600}));
+    let a = get("/secure/y", vec![("x-jwt", inline.clone())]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(field(&a.body, "x-jwt"), Some(inline.as_str()));
+    let m = mesh.server.metrics();
+    assert_eq!(metric_sum(&m, "istio_requests_total", &["response_code=\"401\""]), 4.0, "{m}");
+    mesh.shutdown().await;
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Msg {
+    #[prost(string, tag = "1")]
+    text: String,
+}
+
+/// `echo.Echo/Say`: greets, or fails with PERMISSION_DENIED for "deny".
+struct Say;
+
+impl tonic::server::UnaryService<Msg> for Say {
+    type Response = Msg;
+    type Future = std::future::Ready<Result<tonic::Response<Msg>, tonic::Status>>;
+
+    fn call(&mut self, req: tonic::Request<Msg>) -> Self::Future {
+        let text = req.into_inner().text;
+        std::future::ready(if text == "deny" {
+            Err(tonic::Status::permission_denied("nope"))
+        } else {
+            Ok(tonic::Response::new(Msg { text: format!("hello {text}") }))
+        })
+    }
+}
+
+/// A gRPC server (tonic's server machinery on hyper, h2c).
+async fn grpc_app() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                        let mut grpc =
+                            tonic::server::Grpc::new(tonic_prost::ProstCodec::<Msg, Msg>::default());
+                        Ok::<_, std::convert::Infallible>(grpc.unary(Say, req).await)
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_and_their_status_survive_the_mesh() {
+    let pki = Pki::new();
+    let mesh = L7Mesh::with_app(
+        &pki,
+        STRICT_MESH.trim_end_matches("---\n"),
+        Protocol::Grpc,
+        Protocol::Http,
+        grpc_app().await,
+    )
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", mesh.outbound()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = tonic::client::Grpc::new(channel);
+    let path = http::uri::PathAndQuery::from_static("/echo.Echo/Say");
+    for _ in 0..3 {
+        client.ready().await.unwrap();
+        let r = client
+            .unary(
+                tonic::Request::new(Msg { text: "mesh".into() }),
+                path.clone(),
+                tonic_prost::ProstCodec::<Msg, Msg>::default(),
+            )
+            .await
+            .expect("an OK call");
+        assert_eq!(r.into_inner().text, "hello mesh");
+    }
+    client.ready().await.unwrap();
+    let e = client
+        .unary(
+            tonic::Request::new(Msg { text: "deny".into() }),
+            path,
+            tonic_prost::ProstCodec::<Msg, Msg>::default(),
+        )
+        .await
+        .expect_err("the server's status arrives");
+    assert_eq!((e.code(), e.message()), (tonic::Code::PermissionDenied, "nope"));
+    for (m, reporter) in [(mesh.server.metrics(), "destination"), (mesh.client.metrics(), "source")] {
+        let rep = format!("reporter=\"{reporter}\"");
+        assert_eq!(
+            metric_sum(
+                &m,
+                "istio_requests_total",
+                &[&rep, "request_protocol=\"grpc\"", "grpc_response_status=\"0\""]
+            ),
+            3.0,
+            "{m}"
+        );
+        assert_eq!(
+            metric_sum(
+                &m,
+                "istio_requests_total",
+                &[&rep, "request_protocol=\"grpc\"", "grpc_response_status=\"7\"", "response_code=\"200\""]
+            ),
+            1.0,
+            "{m}"
+        );
+    }
+    mesh.shutdown().await;
+}
+
+/// A WebSocket echo app.
+async fn websocket_app() -> std::net::SocketAddr {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_upgrade_through_the_mesh() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let pki = Pki::new();
+    let mesh = L7Mesh::with_app(
+        &pki,
+        STRICT_MESH.trim_end_matches("---\n"),
+        Protocol::Http,
+        Protocol::Http,
+        websocket_app().await,
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(mesh.outbound()).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://details.default.svc.cluster.local/chat", tcp)
+        .await
+        .expect("upgraded");
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(back, Message::text("hello"));
+    let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(back.into_data().as_ref(), blob.as_slice());
+    ws.close(None).await.unwrap();
+    let m = mesh.server.metrics();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "istio_requests_total",
+            &[
+                "reporter=\"destination\"",
+                "response_code=\"101\"",
+                "connection_security_policy=\"mutual_tls\""
+            ]
+        ),
+        1.0,
+        "{m}"
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smuggling_attempt_gets_one_400_and_the_connection_closes() {
+    let pki = Pki::new();
+    let mesh = L7Mesh::start(&pki, "", Protocol::Http, Protocol::Http).await;
+    let attack = "POST /public HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n";
+    let honest_first = format!("GET /first HTTP/1.1\r\nHost: x\r\n\r\n{attack}");
+    for (side, addr) in [("outbound", mesh.outbound()), ("inbound", mesh.server.inbound(9080))] {
+        for bytes in [attack.to_owned(), honest_first.clone()] {
+            let r = raw(addr, bytes.as_bytes()).await;
+            let statuses: Vec<&str> = r.lines().filter(|l| l.starts_with("HTTP/1.1 ")).collect();
+            let want: &[&str] = if bytes.starts_with("GET /first") {
+                &["HTTP/1.1 200 OK", "HTTP/1.1 400 Bad Request"]
+            } else {
+                &["HTTP/1.1 400 Bad Request"]
+            };
+            assert_eq!(statuses, want, "{side}: {r}");
+            assert!(!r.contains("target: /admin"), "{side}: the smuggled request reached the app: {r}");
+        }
+    }
+    for run in [&mesh.client, &mesh.server] {
+        assert_eq!(run.metric("keycard_connections_refused_total{reason=\"conflicting_framing\"}"), 2.0);
+    }
+    mesh.shutdown().await;
+}

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::{self, Body, Counted};
 use super::headers::{self, DENIED_BY, DOWNSTREAM_PROTOCOL};
-use super::{AppConnector, Exchange, Verdict, bridge, local, respond};
+use super::{AppConnector, Exchange, Verdict, bridge, local, respond, smuggling_counter};
 use crate::conns::ConnFacts;
 use crate::sidecar::{Direction, Shared};
 
@@ -85,7 +85,17 @@ impl InboundHttp {
             async move { Ok::<_, Infallible>(this.request(req, &peer).await) }
         });
         let (idle, stopping) = (shared.limits.idle_timeout, shared.stopping.clone());
-        super::server::serve(&self.builder, io, svc, idle, stopping, kill).await;
+        super::server::serve(
+            &self.builder,
+            &self.shared.http,
+            smuggling_counter(&self.shared, "inbound"),
+            io,
+            svc,
+            idle,
+            stopping,
+            kill,
+        )
+        .await;
     }
 
     async fn request(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {

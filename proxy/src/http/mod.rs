@@ -6,6 +6,7 @@
 
 pub mod authn;
 pub mod body;
+pub mod guard;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
@@ -171,6 +172,19 @@ pub fn bridge(shared: &Arc<Shared>, downstream: OnUpgrade, upstream: OnUpgrade) 
         let (Ok(a), Ok(b)) = tokio::join!(downstream, upstream) else { return };
         crate::forward::pipe(TokioIo::new(a), TokioIo::new(b), idle, cancel).await;
     });
+}
+
+/// Counts request heads the smuggling guard refused (answered 400 by hyper).
+pub fn smuggling_counter(shared: &Arc<Shared>, direction: &'static str) -> Box<dyn Fn() + Send + Sync> {
+    let refused = shared.metrics.refused.clone();
+    Box::new(move || {
+        refused.with_label_values(&["conflicting_framing"]).inc();
+        tracing::info!(
+            direction,
+            reason = "conflicting_framing",
+            "request refused: Content-Length with Transfer-Encoding"
+        );
+    })
 }
 
 /// `host[:port]` of a request: the URI's authority (HTTP/2, absolute form) or `Host`.

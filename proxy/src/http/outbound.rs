@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use super::body::{self, Body, Counted};
 use super::headers::{self, DOWNSTREAM_PROTOCOL, XFCC};
 use super::pool::{ALPN_H1, DialError, Pool, dial};
-use super::{Exchange, Verdict, bridge, local, respond};
+use super::{Exchange, Verdict, bridge, local, respond, smuggling_counter};
 use crate::outbound::{ConfigCache, Route};
 use crate::sidecar::{Direction, Shared};
 
@@ -50,7 +50,17 @@ impl OutboundHttp {
         });
         let kill = self.shared.drain.child_token();
         let (idle, stopping) = (self.shared.limits.idle_timeout, self.shared.stopping.clone());
-        super::server::serve(&self.builder, app, svc, idle, stopping, kill).await;
+        super::server::serve(
+            &self.builder,
+            &self.shared.http,
+            smuggling_counter(&self.shared, "outbound"),
+            app,
+            svc,
+            idle,
+            stopping,
+            kill,
+        )
+        .await;
     }
 
     async fn request(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {

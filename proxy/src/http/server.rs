@@ -40,8 +40,11 @@ pub fn builder(s: &HttpSettings) -> auto::Builder<TokioExecutor> {
 
 /// Serves `io` until it closes, `idle` passes with no bytes either way, `stopping` asks for a
 /// graceful close (in-flight requests finish), or `kill` ends it at once.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<I, S>(
     builder: &auto::Builder<TokioExecutor>,
+    settings: &HttpSettings,
+    on_smuggling: Box<dyn Fn() + Send + Sync>,
     io: I,
     service: S,
     idle: Duration,
@@ -55,6 +58,7 @@ pub async fn serve<I, S>(
     S::Future: Send + 'static,
 {
     let activity = Arc::new(Activity::new());
+    let io = super::guard::Guarded::new(io, settings.max_header_bytes, settings.max_headers, on_smuggling);
     let io = Active { inner: io, activity: activity.clone() };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
