@@ -46,7 +46,8 @@ async fn requests_are_authorized_by_method_path_host_and_header_after_normalisat
     let out = mesh.outbound();
     let details = "details.default.svc.cluster.local";
     // (method, target, host, extra header, expected status, path the app sees)
-    let cases: &[(&str, &str, &str, Option<(&str, &str)>, u16, Option<&str>)] = &[
+    type Case<'a> = (&'a str, &'a str, &'a str, Option<(&'a str, &'a str)>, u16, Option<&'a str>);
+    let cases: &[Case] = &[
         ("GET", "/public/a", details, None, 200, Some("/public/a")),
         ("GET", "/public/a?q=1", "DETAILS.default.svc.cluster.local:9080", None, 200, Some("/public/a?q=1")),
         ("GET", "/public/a", "other.example", None, 403, None),

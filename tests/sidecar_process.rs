@@ -34,17 +34,20 @@ async fn the_process_logs_access_as_json_reloads_on_sighup_and_drains_on_sigterm
     let ca = TempCa::new("cluster.local");
     let certs = ca.issue("default", "details", &[]);
     let app = echo().await;
+    let web = common::l7::inspect_app().await;
     let dir = ca.tmp.path();
     let policies = dir.join("policies");
     std::fs::create_dir(&policies).unwrap();
     std::fs::write(policies.join("pa.yaml"), "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: PERMISSIVE}}\n").unwrap();
     let (inbound, admin, metrics, ready) = (free_port(), free_port(), free_port(), free_port());
+    let http_port = free_port();
     let cfg = format!(
         "workload: {{trust_domain: cluster.local, namespace: default, service_account: details}}
 identity:
   files: {{cert: {c}, key: {k}, bundle: {b}}}
 inbound:
   - {{port: 9080, listen: 127.0.0.1:{inbound}, app: {app}}}
+  - {{port: 9081, name: http-web, listen: 127.0.0.1:{http_port}, app: {web}}}
 policy: {{paths: [policies]}}
 admin: 127.0.0.1:{admin}
 metrics: 127.0.0.1:{metrics}
@@ -95,6 +98,18 @@ limits: {{drain_timeout: 3s, watch_interval: 1h}}
     assert_eq!(access["bytes_recv"], 4);
     assert_eq!(access["bytes_sent"], 4);
     assert!(access["duration_ms"].is_u64());
+
+    // An HTTP port (by its Istio name): one access line per request, query stripped.
+    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    let (code, body) = http_get(http_addr, "/a/./b?token=secret").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let access = wait_line(&lines, |v| v["message"] == "access" && v["method"] == "GET");
+    assert_eq!(access["path"], "/a/b");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["authority"], "x");
+    assert_eq!(access["protocol"], "http");
+    assert_eq!(access["policy"], "none");
+    assert!(!access.to_string().contains("secret"), "the query reached the log: {access}");
 
     // SIGHUP reloads (the file watch is off: watch_interval 1h). Now STRICT: plaintext refused.
     std::fs::write(policies.join("pa.yaml"), "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n").unwrap();
