@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
@@ -105,20 +105,10 @@ impl InboundHttp {
         let (mut parts, body) = req.into_parts();
         let authority = super::authority_of(&parts);
         let mut ex = Exchange {
-            direction: Direction::Inbound,
-            src_addr: peer.addr,
             src_identity: peer.identity.clone(),
-            dst_addr: self.port.app,
             dst_identity: Some(shared.id.clone()),
             mtls: peer.identity.is_some(),
-            policy: "-".to_owned(),
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_owned(),
-            authority: authority.clone(),
-            request_id: String::new(),
-            protocol: headers::request_protocol(&parts.headers),
-            started: Instant::now(),
-            request_bytes: Default::default(),
+            ..Exchange::start(Direction::Inbound, peer.addr, self.port.app, &parts, &authority)
         };
         // Only a mutual-TLS peer (a sidecar) may say what protocol its app used.
         let sent_as = parts.headers.remove(DOWNSTREAM_PROTOCOL).filter(|_| peer.identity.is_some());

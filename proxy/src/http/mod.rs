@@ -64,6 +64,32 @@ impl Verdict {
 }
 
 impl Exchange {
+    /// What the request itself says; identities and the policy are the caller's to fill in.
+    pub fn start(
+        direction: Direction,
+        src_addr: SocketAddr,
+        dst_addr: SocketAddr,
+        parts: &http::request::Parts,
+        authority: &str,
+    ) -> Self {
+        Self {
+            direction,
+            src_addr,
+            src_identity: None,
+            dst_addr,
+            dst_identity: None,
+            mtls: false,
+            policy: "-".to_owned(),
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            authority: authority.to_owned(),
+            request_id: String::new(),
+            protocol: headers::request_protocol(&parts.headers),
+            started: Instant::now(),
+            request_bytes: Default::default(),
+        }
+    }
+
     fn finish(&self, shared: &Shared, status: u16, verdict: Verdict, outcome: &Outcome) {
         let flags = if outcome.complete || verdict.flags != "-" { verdict.flags } else { "DC" };
         let principal = |id: Option<&SpiffeId>| id.map_or_else(|| "unknown".to_owned(), ToString::to_string);
@@ -173,6 +199,53 @@ pub fn bridge(shared: &Arc<Shared>, downstream: OnUpgrade, upstream: OnUpgrade) 
         crate::forward::pipe(TokioIo::new(a), TokioIo::new(b), idle, cancel).await;
     });
 }
+
+/// Awaits `fut` under the request deadline (`Duration::ZERO`: none); `None` once it passed.
+pub async fn within<F: std::future::Future>(deadline: Duration, fut: F) -> Option<F::Output> {
+    if deadline.is_zero() { Some(fut.await) } else { tokio::time::timeout(deadline, fut).await.ok() }
+}
+
+/// `AsyncWrite` for a wrapper that only changes reads: every call goes to `$field`.
+macro_rules! delegate_write {
+    ($wrapper:ident, $field:ident) => {
+        impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $wrapper<I> {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                b: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.$field).poll_write(cx, b)
+            }
+
+            fn poll_write_vectored(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.$field).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.$field.is_write_vectored()
+            }
+
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_shutdown(cx)
+            }
+        }
+    };
+}
+pub(crate) use delegate_write;
 
 /// Counts request heads the smuggling guard refused (answered 400 by hyper).
 pub fn smuggling_counter(shared: &Arc<Shared>, direction: &'static str) -> Box<dyn Fn() + Send + Sync> {

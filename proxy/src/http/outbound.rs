@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
@@ -74,20 +73,9 @@ impl OutboundHttp {
             .or_else(|| self.up.host.clone())
             .unwrap_or_else(|| self.up.remote.to_string());
         let mut ex = Exchange {
-            direction: Direction::Outbound,
-            src_addr: peer,
             src_identity: Some(shared.id.clone()),
-            dst_addr: self.up.remote,
-            dst_identity: None,
             mtls: true,
-            policy: "-".to_owned(),
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_owned(),
-            authority: authority.clone(),
-            request_id: String::new(),
-            protocol: headers::request_protocol(&parts.headers),
-            started: Instant::now(),
-            request_bytes: Default::default(),
+            ..Exchange::start(Direction::Outbound, peer, self.up.remote, &parts, &authority)
         };
         ex.request_id = headers::ensure_request_id(&mut parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -113,23 +101,15 @@ impl OutboundHttp {
         };
         ex.dst_identity = lease.peer().cloned();
         let sent = lease.send(Request::from_parts(parts, body));
-        let timeout = shared.http.request_timeout;
-        let result = if timeout.is_zero() {
-            sent.await
-        } else {
-            match tokio::time::timeout(timeout, sent).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return local(
-                        shared,
-                        ex,
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream request timeout\n",
-                        TIMEOUT,
-                        &[],
-                    );
-                }
-            }
+        let Some(result) = super::within(shared.http.request_timeout, sent).await else {
+            return local(
+                shared,
+                ex,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout\n",
+                TIMEOUT,
+                &[],
+            );
         };
         match result {
             Ok(mut resp) => {
