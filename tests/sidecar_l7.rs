@@ -675,3 +675,28 @@ async fn a_smuggling_attempt_gets_one_400_and_the_connection_closes() {
     }
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_504_and_others_are_unaffected() {
+    let pki = Pki::new();
+    let http = keycard_config::sidecar::HttpSettings {
+        request_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let mesh = L7Mesh::custom(&pki, "", Protocol::Http, Protocol::Http, inspect_app().await, http).await;
+    let c = h1_client();
+    let a = call(&c, mesh.outbound(), "GET", "/slow", &[]).await;
+    assert_eq!((a.status, a.body.as_str()), (504, "upstream request timeout\n"));
+    assert_eq!(call(&c, mesh.outbound(), "GET", "/fast", &[]).await.status, 200);
+    let m = mesh.client.metrics();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "istio_requests_total",
+            &["reporter=\"source\"", "response_code=\"504\"", "response_flags=\"UT\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    mesh.shutdown().await;
+}

@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keycard_config::sidecar::Protocol;
+use keycard_config::sidecar::{HttpSettings, Protocol};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -28,8 +28,12 @@ pub async fn inspect_app() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let svc =
-                    service_fn(|req: Request<Incoming>| async move { Ok::<_, hyper::Error>(inspect(req)) });
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    Ok::<_, hyper::Error>(inspect(req))
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(s), svc)
                     .await;
@@ -152,6 +156,18 @@ impl L7Mesh {
         client_proto: Protocol,
         app: SocketAddr,
     ) -> Self {
+        Self::custom(pki, policy, server_proto, client_proto, app, HttpSettings::default()).await
+    }
+
+    /// Both sidecars with `http` settings.
+    pub async fn custom(
+        pki: &Pki,
+        policy: &str,
+        server_proto: Protocol,
+        client_proto: Protocol,
+        app: SocketAddr,
+        http: HttpSettings,
+    ) -> Self {
         let dir = policy_dir(policy);
         let mut cfg = config(SidecarSpec {
             ns: "default",
@@ -163,6 +179,7 @@ impl L7Mesh {
             policy: Some(dir.path().to_owned()),
         });
         cfg.inbound[0].protocol = Some(server_proto);
+        cfg.http = http.clone();
         let server = start(cfg).await;
         let mut cfg = config(SidecarSpec {
             ns: "default",
@@ -174,6 +191,7 @@ impl L7Mesh {
             policy: None,
         });
         cfg.outbound[0].protocol = Some(client_proto);
+        cfg.http = http;
         let client = start(cfg).await;
         Self { server, client, app, _policy: dir }
     }
