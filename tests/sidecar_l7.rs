@@ -157,7 +157,7 @@ async fn the_app_gets_the_callers_identity_in_xfcc_a_request_id_and_untouched_tr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_callers_on_a_permissive_port_cannot_forge_xfcc() {
     let pki = Pki::new();
-    let mesh = L7Mesh::start(&pki, "", Protocol::Http, Protocol::Http).await;
+    let mesh = L7Mesh::start(&pki, "", Protocol::Auto, Protocol::Http).await;
     let a = call(
         &h1_client(),
         mesh.server.inbound(9080),

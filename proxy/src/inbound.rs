@@ -129,7 +129,11 @@ async fn handle(
     let principal = peer_identity(conn.peer_certificates());
     let sni = conn.server_name().map(str::to_owned);
     let mesh_http = conn.alpn_protocol().is_some_and(|a| HTTP_ALPNS.contains(&a));
-    let leaf = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+    // This hop's XFCC element, for HTTP ports only (made once per connection, not per request).
+    let xfcc = http.and(principal.as_ref()).and_then(|p| {
+        let leaf = conn.peer_certificates()?.first()?;
+        Some(xfcc_element(&shared.id, leaf.as_ref(), p))
+    });
     let mut stream = Rewind::new(stream);
     if let Some(http) = http {
         let is_http = match port.protocol() {
@@ -143,10 +147,6 @@ async fn handle(
             _ => true,
         };
         if is_http {
-            let xfcc = match (&principal, &leaf) {
-                (Some(p), Some(der)) => Some(xfcc_element(&shared.id, der, p)),
-                _ => None,
-            };
             let peer = Peer { addr: peer, local, identity: principal, xfcc, sni };
             http.serve_conn(stream, peer).await;
             return;

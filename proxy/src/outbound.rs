@@ -13,6 +13,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
@@ -163,6 +164,97 @@ async fn wants_http(shared: &Shared, up: &Upstream, app: &TcpStream) -> bool {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("this sidecar has no certificate yet")]
+    NoCertificate,
+    #[error("cannot build the client TLS config")]
+    Config,
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("TLS handshake failed ({reason}): {detail}")]
+    Handshake { reason: &'static str, detail: String },
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("HTTP/2 handshake failed: {0}")]
+    Http2(hyper::Error),
+}
+
+impl DialError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate_loaded",
+            Self::Config => "config",
+            Self::Connect(_) => "connect_failed",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Handshake { reason, .. } => reason,
+            Self::HandshakeTimeout => "timeout",
+            Self::Http2(_) => "http2_handshake",
+        }
+    }
+}
+
+/// TCP to `remote` under the connect deadline, Nagle off.
+async fn connect(shared: &Shared, remote: SocketAddr) -> Result<TcpStream, DialError> {
+    match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(remote)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(DialError::Connect(e)),
+        Err(_) => Err(DialError::ConnectTimeout),
+    }
+}
+
+/// The mesh client config (our SVID, the route's expected identities) from `cache`.
+fn mesh_config(shared: &Shared, route: &Route, cache: &ConfigCache) -> Result<Arc<ClientConfig>, DialError> {
+    let tls = shared.tls.borrow().clone().ok_or(DialError::NoCertificate)?;
+    cache.get(&tls, &route.expected).ok_or(DialError::Config)
+}
+
+/// TLS over `tcp` under the handshake deadline: the stream and the server's SPIFFE ID (if it
+/// has one). Failures are counted and kept in `/debug/handshake_failures`.
+async fn handshake(
+    shared: &Shared,
+    remote: SocketAddr,
+    route: &Route,
+    config: Arc<ClientConfig>,
+    tcp: TcpStream,
+) -> Result<(TlsStream<TcpStream>, Option<SpiffeId>), DialError> {
+    let connect = TlsConnector::from(config).connect(server_name(route, remote), tcp);
+    match tokio::time::timeout(shared.limits.handshake_timeout, connect).await {
+        Ok(Ok(s)) => {
+            let peer = peer_identity(s.get_ref().1.peer_certificates());
+            Ok((s, peer))
+        }
+        Ok(Err(e)) => {
+            let (reason, detail) = crate::sidecar::classify_tls_error(&e);
+            shared.handshake_failed(Direction::Outbound, remote, reason, &detail);
+            Err(DialError::Handshake { reason, detail })
+        }
+        Err(_) => {
+            let detail = "the TLS handshake did not finish in time";
+            shared.handshake_failed(Direction::Outbound, remote, "timeout", detail);
+            Err(DialError::HandshakeTimeout)
+        }
+    }
+}
+
+/// Connects to a remote sidecar and completes mutual TLS with the mesh config from `cache`
+/// (whose ALPN tells the remote what the stream carries).
+pub async fn dial(
+    shared: &Shared,
+    remote: SocketAddr,
+    route: &Route,
+    cache: &ConfigCache,
+) -> Result<(TlsStream<TcpStream>, Option<SpiffeId>), DialError> {
+    let config = mesh_config(shared, route, cache)?;
+    let tcp = connect(shared, remote).await?;
+    handshake(shared, remote, route, config, tcp).await
+}
+
 async fn handle(
     shared: &Shared,
     up: &Upstream,
@@ -182,82 +274,41 @@ async fn handle(
         started: Instant::now(),
     };
     let _ = app.set_nodelay(true);
-    let limits = &shared.limits;
-    let remote = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(up.remote)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            event.log("fail", "connect_failed", &e.to_string(), 0, 0);
-            return;
-        }
-        Err(_) => {
-            event.log("fail", "connect_timeout", "", 0, 0);
-            return;
-        }
+    let idle = shared.limits.idle_timeout;
+    let remote = match connect(shared, up.remote).await {
+        Ok(s) => s,
+        Err(e) => return event.log("fail", e.reason(), &e.to_string(), 0, 0),
     };
-    let _ = remote.set_nodelay(true);
     let cancel = shared.drain.child_token();
     if route.mode == ClientTlsMode::Disable {
         let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
         shared.record_tcp(&labels, false);
-        let t = forward::splice_pipe(app, remote, limits.idle_timeout, cancel).await;
+        let t = forward::splice_pipe(app, remote, idle, cancel).await;
         shared.finish_tcp(&labels, t.forward, t.backward);
         event.log("allow", end_reason(t.end), "", t.backward, t.forward);
         return;
     }
     let config = match &route.external {
-        Some(Ok(config)) => config.clone(),
+        Some(Ok(config)) => Ok(config.clone()),
         Some(Err(e)) => {
             shared.handshake_failed(Direction::Outbound, peer, "config", e);
             return;
         }
-        None => {
-            let Some(tls) = shared.tls.borrow().clone() else {
-                let detail = "this sidecar has no certificate yet";
-                shared.handshake_failed(Direction::Outbound, peer, "no_certificate_loaded", detail);
-                return;
-            };
-            let Some(config) = cache.get(&tls, &route.expected) else {
-                shared.handshake_failed(
-                    Direction::Outbound,
-                    peer,
-                    "config",
-                    "cannot build the client TLS config",
-                );
-                return;
-            };
-            config
-        }
+        None => mesh_config(shared, route, cache),
     };
-    let name = server_name(route, up.remote);
-    let stream = match tokio::time::timeout(
-        limits.handshake_timeout,
-        TlsConnector::from(config).connect(name, remote),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let (reason, detail) = crate::sidecar::classify_tls_error(&e);
-            shared.handshake_failed(Direction::Outbound, up.remote, reason, &detail);
-            event.log("fail", reason, &detail, 0, 0);
-            return;
-        }
-        Err(_) => {
-            shared.handshake_failed(
-                Direction::Outbound,
-                up.remote,
-                "timeout",
-                "the TLS handshake did not finish in time",
-            );
-            return;
-        }
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return shared.handshake_failed(Direction::Outbound, peer, e.reason(), &e.to_string()),
     };
-    let server_id = peer_identity(stream.get_ref().1.peer_certificates());
+    let (stream, server_id) = match handshake(shared, up.remote, route, config, remote).await {
+        Ok(x) => x,
+        Err(e) => return event.log("fail", e.reason(), &e.to_string(), 0, 0),
+    };
     let mtls = route.external.is_none();
     let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), mtls);
     shared.record_tcp(&labels, false);
     shared.metrics.active.inc();
-    let t = forward::pipe(app, stream, limits.idle_timeout, cancel).await;
+    let t = forward::pipe(app, stream, idle, cancel).await;
     shared.metrics.active.dec();
     shared.finish_tcp(&labels, t.forward, t.backward);
     let event = Access { dst_identity: server_id.as_ref(), mtls, ..event };

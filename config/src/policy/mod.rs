@@ -73,6 +73,16 @@ impl WorkloadPolicy {
     pub fn authz_refs(&self) -> Vec<&AuthzPolicy> {
         self.authz.iter().collect()
     }
+
+    /// Whether any rule has a `request.headers[...]` condition (else a request's headers need
+    /// not be collected for the engine).
+    pub fn reads_request_headers(&self) -> bool {
+        self.authz
+            .iter()
+            .flat_map(|p| &p.rules)
+            .flat_map(|r| &r.when)
+            .any(|c| matches!(c.key, authz::ConditionKey::Request(authz::RequestKey::Header(_))))
+    }
 }
 
 impl PolicySet {

@@ -116,18 +116,14 @@ enum Location {
     Cookie(String),
 }
 
+/// The rule's token locations (the config fills in Istio's defaults when none are given).
 fn locations(rule: &JwtRule) -> Vec<Location> {
-    let mut out: Vec<Location> = rule
-        .from_headers
+    rule.from_headers
         .iter()
         .map(|(name, prefix)| Location::Header { name: name.clone(), prefix: prefix.clone() })
         .chain(rule.from_params.iter().cloned().map(Location::Param))
         .chain(rule.from_cookies.iter().cloned().map(Location::Cookie))
-        .collect();
-    if out.is_empty() {
-        out.push(Location::Header { name: "authorization".into(), prefix: "Bearer ".into() });
-    }
-    out
+        .collect()
 }
 
 fn extract(parts: &http::request::Parts, loc: &Location) -> Option<String> {

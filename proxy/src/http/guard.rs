@@ -48,6 +48,12 @@ impl Framing {
         Self { state: State::Head, held: BytesMut::new(), max_head, max_headers, first: true, refused: 0 }
     }
 
+    /// Whether the guard has stopped following (h2, an upgrade, a refused head): reads may
+    /// then bypass it.
+    pub fn passthrough(&self) -> bool {
+        self.state == State::Passthrough && self.held.is_empty()
+    }
+
     /// Feeds bytes read from the peer; appends to `out` what hyper may read now.
     pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) {
         self.held.extend_from_slice(input);
@@ -215,6 +221,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         loop {
+            if self.ready.is_empty() && self.framing.passthrough() {
+                // Nothing left to follow (HTTP/2, upgrades): no copy, no extra buffer.
+                return Pin::new(&mut self.inner).poll_read(cx, buf);
+            }
             if !self.ready.is_empty() {
                 let n = self.ready.len().min(buf.remaining());
                 buf.put_slice(&self.ready[..n]);

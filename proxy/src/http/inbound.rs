@@ -147,7 +147,11 @@ impl InboundHttp {
             method: parts.method.to_string(),
             path: path.clone(),
             request_principal,
-            headers: headers::for_policy(&parts.headers),
+            headers: if policy.reads_request_headers() {
+                headers::for_policy(&parts.headers)
+            } else {
+                Default::default()
+            },
             claims,
         };
         let decision = shared.authorize_attrs(&Attributes {

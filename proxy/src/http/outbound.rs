@@ -16,9 +16,9 @@ use tokio::sync::watch;
 
 use super::body::{self, Body, Counted};
 use super::headers::{self, DOWNSTREAM_PROTOCOL, XFCC};
-use super::pool::{ALPN_H1, DialError, Pool, dial};
+use super::pool::{ALPN_H1, Pool};
 use super::{Exchange, Verdict, bridge, local, respond, smuggling_counter};
-use crate::outbound::{ConfigCache, Route};
+use crate::outbound::{ConfigCache, DialError, Route, dial};
 use crate::sidecar::{Direction, Shared};
 
 pub struct OutboundHttp {

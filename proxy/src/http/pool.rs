@@ -12,91 +12,15 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keycard_config::SpiffeId;
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 use super::body::Body;
-use crate::outbound::{ConfigCache, Route, server_name};
-use crate::sidecar::{Direction, Shared};
-use crate::tls::peer_identity;
+use crate::outbound::{ConfigCache, DialError, Route, dial};
+use crate::sidecar::Shared;
 
 /// ALPN of pooled connections: the inbound sidecar serves HTTP/2 on them without sniffing.
 pub const ALPN_H2: &[u8] = b"istio-h2";
 /// ALPN of a dedicated connection for an HTTP/1.1 upgrade (WebSocket).
 pub const ALPN_H1: &[u8] = b"istio-http/1.1";
-
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("this sidecar has no certificate yet")]
-    NoCertificate,
-    #[error("cannot build the client TLS config")]
-    Config,
-    #[error("connect failed: {0}")]
-    Connect(std::io::Error),
-    #[error("connect timed out")]
-    ConnectTimeout,
-    #[error("TLS handshake failed ({reason}): {detail}")]
-    Handshake { reason: &'static str, detail: String },
-    #[error("TLS handshake timed out")]
-    HandshakeTimeout,
-    #[error("HTTP/2 handshake failed: {0}")]
-    Http2(hyper::Error),
-}
-
-impl DialError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::NoCertificate => "no_certificate_loaded",
-            Self::Config => "config",
-            Self::Connect(_) => "connect_failed",
-            Self::ConnectTimeout => "connect_timeout",
-            Self::Handshake { reason, .. } => reason,
-            Self::HandshakeTimeout => "timeout",
-            Self::Http2(_) => "http2_handshake",
-        }
-    }
-}
-
-/// Connects to `remote` and completes mutual TLS with `alpn`: the stream and the server's
-/// verified SPIFFE ID. Handshake failures are counted and kept like L4 ones.
-pub async fn dial(
-    shared: &Shared,
-    remote: SocketAddr,
-    route: &Route,
-    cache: &ConfigCache,
-) -> Result<(TlsStream<TcpStream>, Option<SpiffeId>), DialError> {
-    let tls = shared.tls.borrow().clone().ok_or(DialError::NoCertificate)?;
-    let config = cache.get(&tls, &route.expected).ok_or(DialError::Config)?;
-    let limits = &shared.limits;
-    let tcp = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(remote)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(DialError::Connect(e)),
-        Err(_) => return Err(DialError::ConnectTimeout),
-    };
-    let _ = tcp.set_nodelay(true);
-    let connect = TlsConnector::from(config).connect(server_name(route, remote), tcp);
-    match tokio::time::timeout(limits.handshake_timeout, connect).await {
-        Ok(Ok(s)) => {
-            let peer = peer_identity(s.get_ref().1.peer_certificates());
-            Ok((s, peer))
-        }
-        Ok(Err(e)) => {
-            let (reason, detail) = crate::sidecar::classify_tls_error(&e);
-            shared.handshake_failed(Direction::Outbound, remote, reason, &detail);
-            Err(DialError::Handshake { reason, detail })
-        }
-        Err(_) => {
-            shared.handshake_failed(
-                Direction::Outbound,
-                remote,
-                "timeout",
-                "the TLS handshake did not finish in time",
-            );
-            Err(DialError::HandshakeTimeout)
-        }
-    }
-}
 
 struct Conn {
     send: http2::SendRequest<Body>,
