@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bookinfo;
 mod cli;
 
 use std::process::ExitCode;

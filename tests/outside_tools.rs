@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TempCa, path, skip_or_fail};
+use common::{TempCa, free_ports, path, skip_or_fail};
 
 fn have(tool: &str) -> bool {
     Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
@@ -104,10 +104,6 @@ impl Drop for Serve {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn curl(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
@@ -125,7 +121,7 @@ fn curl_and_openssl_drive_ca_serve_through_issuance_and_renewal() {
         return;
     }
     let ca = TempCa::new("cluster.local");
-    let port = free_port();
+    let port = free_ports(1)[0];
     let listen = format!("127.0.0.1:{port}");
     let child = common::keycard()
         .args(["ca", "serve", "--dir", path(&ca.dir), "--listen", &listen])

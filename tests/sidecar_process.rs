@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::mesh::*;
-use common::{TempCa, keycard, path};
+use common::{TempCa, free_ports, keycard, path};
 use tokio::net::TcpStream;
 
 struct Proc(Child);
@@ -19,10 +19,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -39,8 +35,7 @@ async fn the_process_logs_access_as_json_reloads_on_sighup_and_drains_on_sigterm
     let policies = dir.join("policies");
     std::fs::create_dir(&policies).unwrap();
     std::fs::write(policies.join("pa.yaml"), "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: PERMISSIVE}}\n").unwrap();
-    let (inbound, admin, metrics, ready) = (free_port(), free_port(), free_port(), free_port());
-    let http_port = free_port();
+    let [inbound, admin, metrics, ready, http_port] = free_ports(5)[..] else { unreachable!() };
     let cfg = format!(
         "workload: {{trust_domain: cluster.local, namespace: default, service_account: details}}
 identity:

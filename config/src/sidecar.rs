@@ -17,12 +17,16 @@ use crate::policy::load::{LoadError, error_at};
 pub struct SidecarConfig {
     pub workload: Workload,
     pub identity: IdentitySource,
-    /// Ports of the workload that peers call; each has its own listener.
+    /// Ports of the workload that peers call: each on its own listener, or reached by capture.
     #[serde(default)]
     pub inbound: Vec<InboundPort>,
-    /// Upstreams the workload calls: the app connects in plaintext to `listen`.
+    /// Upstreams the workload calls: the app connects in plaintext to `listen`, or to the
+    /// upstream's own address when its traffic is captured.
     #[serde(default)]
     pub outbound: Vec<Upstream>,
+    /// Transparent interception: where connections redirected by `keycard iptables` arrive.
+    #[serde(default)]
+    pub capture: Option<Capture>,
     #[serde(default)]
     pub policy: PolicySource,
     /// Admin API (config_dump, certs, handshake failures). Default 127.0.0.1:15000.
@@ -163,8 +167,10 @@ impl Protocol {
 pub struct InboundPort {
     /// The service port, as policies (`ports`, `portLevelMtls`) name it.
     pub port: u16,
-    /// Where peers connect (the sidecar's listener for this port).
-    pub listen: SocketAddr,
+    /// Where peers connect (the sidecar's listener for this port). Without it, the port is
+    /// reached through `capture.inbound` only.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
     /// The application, normally on loopback.
     pub app: SocketAddr,
     /// Istio port name (`http-web`, `grpc`, `tcp-db`): picks the protocol when none is given.
@@ -184,8 +190,10 @@ impl InboundPort {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
-    /// Where the app connects, in plaintext.
-    pub listen: SocketAddr,
+    /// Where the app connects, in plaintext. Without it, the upstream is reached through
+    /// `capture.outbound` only: the app connects to `remote` and the connection is redirected.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
     /// The remote sidecar's inbound listener.
     pub remote: SocketAddr,
     /// The service host name, for DestinationRule lookup (e.g. `reviews.default.svc.cluster.local`).
@@ -211,6 +219,33 @@ impl Upstream {
     pub fn protocol(&self) -> Protocol {
         Protocol::resolve(self.protocol, self.name.as_deref())
     }
+}
+
+/// Istio's capture ports and what happens to captured traffic nobody configured.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capture {
+    /// Inbound TCP redirected here (Istio uses `0.0.0.0:15006`). The original destination port
+    /// picks the inbound port; a port not listed goes to the app at the original destination,
+    /// under the workload's PeerAuthentication and AuthorizationPolicy, with protocol `auto`.
+    #[serde(default)]
+    pub inbound: Option<SocketAddr>,
+    /// Outbound TCP redirected here (Istio uses `127.0.0.1:15001`). The original destination
+    /// picks the upstream whose `remote` it is.
+    #[serde(default)]
+    pub outbound: Option<SocketAddr>,
+    /// Captured outbound traffic to an address no upstream names: `allow_any` forwards it as
+    /// plain TCP (Istio's default), `registry_only` refuses it.
+    #[serde(default)]
+    pub outbound_policy: OutboundPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboundPolicy {
+    #[default]
+    AllowAny,
+    RegistryOnly,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -289,6 +324,22 @@ impl SidecarConfig {
     pub fn parse(text: &str, origin: &Path) -> Result<Self, LoadError> {
         let cfg: Self =
             serde_saphyr::from_str(text).map_err(|e| crate::policy::load::yaml_error(&e, text, origin))?;
+        let capture = cfg.capture.as_ref();
+        let line_of =
+            |needle: &str| text.lines().position(|l| l.contains(needle)).map_or(0, |i| i as u64 + 1);
+        if let Some(p) = cfg.inbound.iter().find(|p| p.listen.is_none())
+            && capture.and_then(|c| c.inbound).is_none()
+        {
+            let msg =
+                format!("inbound port {}: `listen` is required unless `capture.inbound` is set", p.port);
+            return Err(error_at(origin, text, line_of(&format!("port: {}", p.port)), 1, msg));
+        }
+        if let Some(u) = cfg.outbound.iter().find(|u| u.listen.is_none())
+            && capture.and_then(|c| c.outbound).is_none()
+        {
+            let msg = format!("upstream {}: `listen` is required unless `capture.outbound` is set", u.remote);
+            return Err(error_at(origin, text, line_of(&u.remote.to_string()), 1, msg));
+        }
         let mut seen = std::collections::BTreeSet::new();
         for p in &cfg.inbound {
             if !seen.insert(p.port) {
@@ -397,5 +448,26 @@ mod tests {
         let text = "workload:\n  trust_domain: cluster.local\n  namespace: a\n  service_account: b\n  color: red\nidentity:\n  files: {cert: c, key: k, bundle: b}\n";
         let e = SidecarConfig::parse(text, Path::new("s.yaml")).unwrap_err();
         assert_eq!((e.line, e.field.as_deref()), (5, Some("color")), "{e}");
+    }
+
+    #[test]
+    fn ports_without_listeners_need_capture() {
+        let head = "workload:\n  trust_domain: cluster.local\n  namespace: a\n  service_account: b\nidentity:\n  files: {cert: c, key: k, bundle: b}\n";
+        let inbound = "inbound:\n  - port: 9080\n    app: 127.0.0.1:9080\n";
+        let e = SidecarConfig::parse(&format!("{head}{inbound}"), Path::new("s.yaml")).unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        assert!(e.message.contains("capture.inbound"), "{e}");
+        let outbound = "outbound:\n  - remote: 10.0.0.2:9080\n";
+        let e = SidecarConfig::parse(&format!("{head}{outbound}"), Path::new("s.yaml")).unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        assert!(e.message.contains("capture.outbound"), "{e}");
+        let capture =
+            "capture: {inbound: 0.0.0.0:15006, outbound: 127.0.0.1:15001, outbound_policy: registry_only}\n";
+        let cfg = SidecarConfig::parse(&format!("{head}{inbound}{outbound}{capture}"), Path::new("s.yaml"))
+            .unwrap();
+        let c = cfg.capture.unwrap();
+        assert_eq!(c.outbound_policy, OutboundPolicy::RegistryOnly);
+        assert_eq!(c.inbound, Some("0.0.0.0:15006".parse().unwrap()));
+        assert!(cfg.inbound[0].listen.is_none() && cfg.outbound[0].listen.is_none());
     }
 }

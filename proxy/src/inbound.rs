@@ -23,12 +23,43 @@ use crate::metrics::with_flags;
 use crate::sidecar::{Direction, Shared};
 use crate::tls::{MESH_ALPNS, peer_identity};
 
-pub async fn serve(shared: Arc<Shared>, port: InboundPort, listener: TcpListener, stop: CancellationToken) {
-    let port = Arc::new(port);
-    let http = (port.protocol() != Protocol::Tcp).then(|| InboundHttp::new(shared.clone(), port.clone()));
+/// One inbound port: its settings and, where it may carry HTTP, its HTTP server state. Its own
+/// listener and the capture listener share it.
+pub struct PortHandler {
+    port: InboundPort,
+    http: Option<Arc<InboundHttp>>,
+}
+
+impl PortHandler {
+    pub fn new(shared: &Arc<Shared>, port: InboundPort) -> Arc<Self> {
+        let http = (port.protocol() != Protocol::Tcp)
+            .then(|| InboundHttp::new(shared.clone(), Arc::new(port.clone())));
+        Arc::new(Self { port, http })
+    }
+
+    pub fn port(&self) -> &InboundPort {
+        &self.port
+    }
+
+    /// Serves one accepted connection. `local` is where the peer meant to connect: the
+    /// listener's address, or the original destination of a captured connection.
+    pub async fn handle(&self, shared: &Shared, tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
+        handle(shared, &self.port, self.http.as_ref(), tcp, peer, local).await;
+    }
+}
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    port: Arc<PortHandler>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
-        let (shared, port, http) = (shared.clone(), port.clone(), http.clone());
-        async move { handle(&shared, &port, http.as_ref(), tcp, peer).await }
+        let (shared, port) = (shared.clone(), port.clone());
+        async move {
+            let Ok(local) = tcp.local_addr() else { return };
+            port.handle(&shared, tcp, peer, local).await;
+        }
     })
     .await;
 }
@@ -39,10 +70,10 @@ async fn handle(
     http: Option<&Arc<InboundHttp>>,
     tcp: TcpStream,
     peer: SocketAddr,
+    local: SocketAddr,
 ) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let local = tcp.local_addr().unwrap_or(port.listen);
     let policy = shared.policy.borrow().clone();
     let mode = policy.peer_auth.mode_for(port.port);
     let limits = &shared.limits;

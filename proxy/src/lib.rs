@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod capture;
 pub mod conns;
 pub mod detect;
 pub mod forward;

@@ -120,30 +120,50 @@ pub fn server_name(route: &Route, remote: SocketAddr) -> ServerName<'static> {
         .unwrap_or_else(|| ServerName::IpAddress(remote.ip().into()))
 }
 
-pub async fn serve(
-    shared: Arc<Shared>,
+/// One upstream: its settings, its route (changed by policy reloads), TLS configs and, where it
+/// may carry HTTP, the pool. Its own listener and the capture listener share it.
+pub struct UpstreamHandler {
     up: Upstream,
     route: tokio::sync::watch::Receiver<Route>,
+    cache: ConfigCache,
+    http: Option<Arc<crate::http::outbound::OutboundHttp>>,
+}
+
+impl UpstreamHandler {
+    pub fn new(shared: &Arc<Shared>, up: Upstream, route: tokio::sync::watch::Receiver<Route>) -> Arc<Self> {
+        let http = (up.protocol() != Protocol::Tcp)
+            .then(|| crate::http::outbound::OutboundHttp::new(shared.clone(), up.clone(), route.clone()));
+        Arc::new(Self { up, route, cache: ConfigCache::new(OUTBOUND_ALPN), http })
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.up
+    }
+
+    /// Serves one connection from the app.
+    pub async fn handle(&self, shared: &Shared, tcp: TcpStream, peer: SocketAddr) {
+        // The route in force when the connection arrives; a reload changes later ones.
+        let route = self.route.borrow().clone();
+        if let Some(http) = &self.http
+            && route.mode == ClientTlsMode::IstioMutual
+            && wants_http(shared, &self.up, &tcp).await
+        {
+            http.serve_conn(tcp, peer).await;
+            return;
+        }
+        handle(shared, &self.up, &route, &self.cache, tcp, peer).await;
+    }
+}
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    up: Arc<UpstreamHandler>,
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    let cache = Arc::new(ConfigCache::new(OUTBOUND_ALPN));
-    let http = (up.protocol() != Protocol::Tcp)
-        .then(|| crate::http::outbound::OutboundHttp::new(shared.clone(), up.clone(), route.clone()));
     crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
-        // The route in force when the connection arrives; a reload changes later ones.
-        let (shared, up, route, cache) = (shared.clone(), up.clone(), route.borrow().clone(), cache.clone());
-        let http = http.clone();
-        async move {
-            if let Some(http) = http
-                && route.mode == ClientTlsMode::IstioMutual
-                && wants_http(&shared, &up, &tcp).await
-            {
-                http.serve_conn(tcp, peer).await;
-                return;
-            }
-            handle(&shared, &up, &route, &cache, tcp, peer).await;
-        }
+        let (shared, up) = (shared.clone(), up.clone());
+        async move { up.handle(&shared, tcp, peer).await }
     })
     .await;
 }

@@ -286,8 +286,13 @@ fn now_rfc3339() -> String {
 /// Where each listener ended up (useful when the config says port 0).
 #[derive(Debug, Clone, Serialize)]
 pub struct Addrs {
+    /// Ports with their own listener, in configuration order.
     pub inbound: Vec<(u16, SocketAddr)>,
+    /// Upstreams with their own listener, in configuration order.
     pub outbound: Vec<SocketAddr>,
+    /// The capture listeners (`capture.inbound`, `capture.outbound`).
+    pub capture_inbound: Option<SocketAddr>,
+    pub capture_outbound: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
     pub readiness: SocketAddr,
@@ -309,8 +314,10 @@ pub struct Sidecar {
     pub(crate) shared: Arc<Shared>,
     pub(crate) registry: Registry,
     pub(crate) addrs: Addrs,
-    inbound: Vec<TcpListener>,
-    outbound: Vec<TcpListener>,
+    /// One per inbound port / upstream, `None` where it is reached by capture only.
+    inbound: Vec<Option<TcpListener>>,
+    outbound: Vec<Option<TcpListener>>,
+    capture: [Option<TcpListener>; 2],
     admin: [TcpListener; 3],
     cert_manager: CertManager,
     policy_tx: watch::Sender<Arc<WorkloadPolicy>>,
@@ -322,6 +329,16 @@ pub struct Sidecar {
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, SidecarError> {
     TcpListener::bind(addr).await.map_err(|source| SidecarError::Bind { addr, source })
+}
+
+/// A listener where an address is configured, with the address it got (port 0 resolved).
+async fn bind_optional(
+    addr: Option<SocketAddr>,
+) -> Result<(Option<TcpListener>, Option<SocketAddr>), SidecarError> {
+    let Some(addr) = addr else { return Ok((None, None)) };
+    let l = bind(addr).await?;
+    let got = l.local_addr().unwrap_or(addr);
+    Ok((Some(l), Some(got)))
 }
 
 impl Sidecar {
@@ -341,22 +358,30 @@ impl Sidecar {
         let mut inbound = Vec::new();
         let mut in_addrs = Vec::new();
         for p in &cfg.inbound {
-            let l = bind(p.listen).await?;
-            in_addrs.push((p.port, l.local_addr().unwrap_or(p.listen)));
+            let (l, addr) = bind_optional(p.listen).await?;
+            in_addrs.extend(addr.map(|a| (p.port, a)));
             inbound.push(l);
         }
         let mut outbound = Vec::new();
+        let mut out_addrs = Vec::new();
         let mut route_txs = Vec::new();
         for up in &cfg.outbound {
-            let l = bind(up.listen).await?;
+            let (l, addr) = bind_optional(up.listen).await?;
+            out_addrs.extend(addr);
             outbound.push(l);
             route_txs.push(watch::channel(Route::for_upstream(up, &set)).0);
         }
-        let admin = [bind(cfg.admin).await?, bind(cfg.metrics).await?, bind(cfg.readiness).await?];
+        let wanted = cfg.capture.as_ref().map_or([None, None], |c| [c.inbound, c.outbound]);
+        let (capture_in, capture_in_addr) = bind_optional(wanted[0]).await?;
+        let (capture_out, capture_out_addr) = bind_optional(wanted[1]).await?;
+        let capture = [capture_in, capture_out];
         let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let admin = [bind(cfg.admin).await?, bind(cfg.metrics).await?, bind(cfg.readiness).await?];
         let addrs = Addrs {
             inbound: in_addrs,
-            outbound: outbound.iter().zip(&cfg.outbound).map(|(l, u)| local(l, u.listen)).collect(),
+            outbound: out_addrs,
+            capture_inbound: capture_in_addr,
+            capture_outbound: capture_out_addr,
             admin: local(&admin[0], cfg.admin),
             metrics: local(&admin[1], cfg.metrics),
             readiness: local(&admin[2], cfg.readiness),
@@ -391,6 +416,7 @@ impl Sidecar {
             addrs,
             inbound,
             outbound,
+            capture,
             admin,
             cert_manager,
             policy_tx,
@@ -422,14 +448,38 @@ impl Sidecar {
         let shared = self.shared.clone();
         let certs = tokio::spawn(self.cert_manager.run());
         let mut tasks = Vec::new();
-        for (listener, port) in self.inbound.into_iter().zip(self.cfg.inbound.clone()) {
-            tasks.push(tokio::spawn(crate::inbound::serve(shared.clone(), port, listener, stop.clone())));
+        let ports: Vec<_> =
+            self.cfg.inbound.iter().map(|p| crate::inbound::PortHandler::new(&shared, p.clone())).collect();
+        for (listener, port) in self.inbound.into_iter().zip(&ports) {
+            if let Some(l) = listener {
+                tasks.push(tokio::spawn(crate::inbound::serve(
+                    shared.clone(),
+                    port.clone(),
+                    l,
+                    stop.clone(),
+                )));
+            }
         }
-        for ((listener, up), tx) in
-            self.outbound.into_iter().zip(self.cfg.outbound.clone()).zip(&self.route_txs)
-        {
-            let rx = tx.subscribe();
-            tasks.push(tokio::spawn(crate::outbound::serve(shared.clone(), up, rx, listener, stop.clone())));
+        let upstreams: Vec<_> = self
+            .cfg
+            .outbound
+            .iter()
+            .zip(&self.route_txs)
+            .map(|(up, tx)| crate::outbound::UpstreamHandler::new(&shared, up.clone(), tx.subscribe()))
+            .collect();
+        for (listener, up) in self.outbound.into_iter().zip(&upstreams) {
+            if let Some(l) = listener {
+                tasks.push(tokio::spawn(crate::outbound::serve(shared.clone(), up.clone(), l, stop.clone())));
+            }
+        }
+        let [capture_in, capture_out] = self.capture;
+        if let Some(l) = capture_in {
+            tasks.push(tokio::spawn(crate::capture::serve_inbound(shared.clone(), ports, l, stop.clone())));
+        }
+        if let Some(l) = capture_out {
+            let policy = self.cfg.capture.as_ref().map(|c| c.outbound_policy).unwrap_or_default();
+            let serve = crate::capture::serve_outbound(shared.clone(), upstreams, policy, l, stop.clone());
+            tasks.push(tokio::spawn(serve));
         }
         let view = Arc::new(crate::admin::View {
             cfg: self.cfg.clone(),

@@ -50,8 +50,11 @@ pub struct InitArgs {
     #[arg(long, value_name = "DIR")]
     from_existing: Option<PathBuf>,
     /// Replace a CA already in --dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keep_existing")]
     force: bool,
+    /// When --dir already holds a CA, keep it and succeed (for init steps that run on every start).
+    #[arg(long)]
+    keep_existing: bool,
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,
 }
@@ -82,15 +85,22 @@ pub struct IssueArgs {
 pub struct TokenArgs {
     #[arg(long)]
     dir: PathBuf,
-    #[arg(long)]
-    ns: String,
-    #[arg(long)]
-    sa: String,
+    #[arg(long, required_unless_present = "for_")]
+    ns: Option<String>,
+    #[arg(long, required_unless_present = "for_")]
+    sa: Option<String>,
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     ttl: time::Duration,
     /// Write the token to this file (0600) instead of stdout.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "for_")]
     out: Option<PathBuf>,
+    /// Mint one token per `NS/SA` (repeatable) into --out-dir, as files named `NS.SA` (0600),
+    /// with a copy of the trust bundle (`bundle.pem`) beside them.
+    #[arg(long = "for", value_name = "NS/SA", requires = "out_dir", conflicts_with_all = ["ns", "sa"])]
+    for_: Vec<String>,
+    /// Directory for the tokens of --for (created if missing).
+    #[arg(long, requires = "for_")]
+    out_dir: Option<PathBuf>,
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,
 }
@@ -142,9 +152,24 @@ struct InitReport {
 
 fn init(a: InitArgs) -> anyhow::Result<()> {
     let now = OffsetDateTime::now_utc();
-    let ca = match &a.from_existing {
-        Some(src) => store::init_from_existing(&a.dir, src, &a.trust_domain, a.force, now)?,
-        None => {
+    let existing = if a.keep_existing && a.dir.join(store::BUNDLE).exists() {
+        let ca = store::load(&a.dir, now)?;
+        if ca.authority.trust_domain() != &a.trust_domain {
+            anyhow::bail!(
+                "{} holds a CA for {}, not {}",
+                a.dir.display(),
+                ca.authority.trust_domain(),
+                a.trust_domain
+            );
+        }
+        Some(ca)
+    } else {
+        None
+    };
+    let ca = match (existing, &a.from_existing) {
+        (Some(ca), _) => ca,
+        (None, Some(src)) => store::init_from_existing(&a.dir, src, &a.trust_domain, a.force, now)?,
+        (None, None) => {
             let opts = InitOptions {
                 trust_domain: a.trust_domain.clone(),
                 root_lifetime: a.root_ttl,
@@ -224,7 +249,34 @@ struct TokenReport {
 fn token(a: TokenArgs) -> anyhow::Result<()> {
     let now = OffsetDateTime::now_utc();
     let ca = store::load(&a.dir, now)?;
-    let id = SpiffeId::from_k8s(ca.authority.trust_domain(), &a.ns, &a.sa)?;
+    if let Some(out_dir) = &a.out_dir {
+        store::create_dir(out_dir)?;
+        let mut reports = Vec::new();
+        for pair in &a.for_ {
+            let (ns, sa) = pair.split_once('/').with_context(|| format!("--for {pair:?}: want NS/SA"))?;
+            let id = SpiffeId::from_k8s(ca.authority.trust_domain(), ns, sa)?;
+            let token = ca.tokens.mint(&id, now.unix_timestamp(), a.ttl.whole_seconds())?;
+            let path = out_dir.join(format!("{ns}.{sa}"));
+            store::write_private(&path, format!("{token}\n").as_bytes())?;
+            reports.push(TokenReport {
+                spiffe_id: id.to_string(),
+                expires_at: certinfo::rfc3339(now + a.ttl),
+                file: Some(path),
+                token: None,
+            });
+        }
+        // What a sidecar needs besides its token: the trust bundle, to verify the CA.
+        store::write_public(&out_dir.join(store::BUNDLE), &std::fs::read(a.dir.join(store::BUNDLE))?)?;
+        if a.output == Output::Json {
+            return print_json(&reports);
+        }
+        for r in &reports {
+            println!("token for {} written to {} (expires {})", r.spiffe_id, path_str(&r.file), r.expires_at);
+        }
+        return Ok(());
+    }
+    let (Some(ns), Some(sa)) = (&a.ns, &a.sa) else { anyhow::bail!("--ns and --sa are required") };
+    let id = SpiffeId::from_k8s(ca.authority.trust_domain(), ns, sa)?;
     let token = ca.tokens.mint(&id, now.unix_timestamp(), a.ttl.whole_seconds())?;
     let expires_at = certinfo::rfc3339(now + a.ttl);
     if let Some(path) = &a.out {

@@ -1,7 +1,11 @@
 //! Command-line arguments and dispatch. Each subcommand module turns arguments into calls on the
 //! crates and prints the result, as text or, with `-o json`, as one JSON document.
 
+mod bookinfo;
 mod ca;
+mod container;
+mod demo;
+mod iptables;
 mod proxy;
 mod spiffe;
 
@@ -55,6 +59,17 @@ enum Command {
     Spiffe(spiffe::SpiffeCommand),
     /// Run the sidecar: mutual TLS in and out, PeerAuthentication and AuthorizationPolicy.
     Proxy(proxy::ProxyArgs),
+    /// Istio's Bookinfo security lab on loopback: a CA, sidecars, policies, every flow checked.
+    Demo(demo::DemoArgs),
+    /// Install (or --cleanup) Istio-compatible REDIRECT rules capturing the workload's TCP.
+    Iptables(iptables::IptablesArgs),
+    /// Hold a network namespace for the sidecar, app and init step to join; exits on SIGTERM.
+    Pause,
+    /// Exit 0 when a sidecar (or a URL) reports ready: the image's HEALTHCHECK.
+    Healthcheck(container::HealthcheckArgs),
+    /// The Bookinfo apps and a one-request HTTP client, for the compose mesh.
+    #[command(subcommand, hide = true)]
+    Bookinfo(bookinfo::BookinfoCommand),
 }
 
 pub fn run(cli: Cli, log_control: keycard_proxy::admin::LogControl) -> anyhow::Result<ExitCode> {
@@ -62,6 +77,11 @@ pub fn run(cli: Cli, log_control: keycard_proxy::admin::LogControl) -> anyhow::R
         Command::Ca(cmd) => ca::run(cmd),
         Command::Spiffe(cmd) => spiffe::run(cmd),
         Command::Proxy(args) => proxy::run(args, log_control),
+        Command::Demo(args) => demo::run(args),
+        Command::Iptables(args) => iptables::run(args),
+        Command::Pause => container::pause(),
+        Command::Healthcheck(args) => container::healthcheck(args),
+        Command::Bookinfo(cmd) => bookinfo::run(cmd),
     }
 }
 

@@ -129,7 +129,7 @@ pub fn config(s: SidecarSpec) -> SidecarConfig {
             .into_iter()
             .map(|(port, app)| InboundPort {
                 port,
-                listen: any_addr(),
+                listen: Some(any_addr()),
                 app,
                 name: None,
                 protocol: Some(Protocol::Tcp),
@@ -139,7 +139,7 @@ pub fn config(s: SidecarSpec) -> SidecarConfig {
             .outbound
             .into_iter()
             .map(|(remote, identities)| Upstream {
-                listen: any_addr(),
+                listen: Some(any_addr()),
                 remote,
                 host: None,
                 port: None,
@@ -148,6 +148,7 @@ pub fn config(s: SidecarSpec) -> SidecarConfig {
                 protocol: Some(Protocol::Tcp),
             })
             .collect(),
+        capture: None,
         policy: PolicySource { paths: s.policy.into_iter().collect(), root_namespace: "istio-system".into() },
         admin: any_addr(),
         metrics: any_addr(),

@@ -79,3 +79,28 @@ pub fn skip_or_fail(what: &str) -> bool {
     eprintln!("SKIPPED: {what} is not installed; run .ci/run or install it to run this test");
     true
 }
+
+/// `n` distinct loopback ports for a child process to bind, from below the kernel's ephemeral range
+/// so no connection made meanwhile (by this or a parallel test) is given one. Each is free when
+/// chosen; a process outside the tests could still take one, which is as rare as it is visible.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+    let mut port = low + (seed % u64::from(high - low)) as u16;
+    let mut held = Vec::new();
+    for _ in 0..u32::from(high - low) {
+        if held.len() == n {
+            break;
+        }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+        port = if port + 1 >= high { low } else { port + 1 };
+    }
+    assert_eq!(held.len(), n, "no {n} free loopback ports below the ephemeral range");
+    held.iter().map(|l| l.local_addr().expect("bound").port()).collect()
+}
