@@ -40,7 +40,7 @@ pub enum JwtError {
     Expired { exp: i64, now: i64 },
     #[error("not valid before {nbf} (now {now}, 60 s leeway)")]
     NotYetValid { nbf: i64, now: i64 },
-    #[error("issuer {found:?} is not the rule's {expected:?}")]
+    #[error("issuer {found:?} is not the expected {expected:?}")]
     IssuerMismatch { expected: String, found: Option<String> },
     #[error("none of the token's audiences {found:?} is accepted")]
     AudienceMismatch { found: Vec<String> },
@@ -273,6 +273,19 @@ pub fn issuer_of(token: &str) -> Result<String, JwtError> {
 
 /// Verifies `token` for `rule` with `jwks` at `now_unix` (seconds since the epoch).
 pub fn verify(token: &str, rule: &JwtRule, jwks: &Jwks, now_unix: i64) -> Result<VerifiedJwt, JwtError> {
+    verify_for(token, &rule.issuer, &rule.audiences, jwks, now_unix)
+}
+
+/// Verifies `token` as [`verify`] does, for an issuer and audiences given directly rather than by
+/// a RequestAuthentication rule (the CA's Kubernetes service-account tokens). An empty
+/// `audiences` accepts any audience.
+pub fn verify_for(
+    token: &str,
+    expected_issuer: &str,
+    audiences: &[String],
+    jwks: &Jwks,
+    now_unix: i64,
+) -> Result<VerifiedJwt, JwtError> {
     let parts = Parts::split(token)?;
     let header: Header = segment_json(parts.header)?;
     if header.crit.is_some() {
@@ -293,13 +306,13 @@ pub fn verify(token: &str, rule: &JwtRule, jwks: &Jwks, now_unix: i64) -> Result
     }
 
     let issuer = match claims.get("iss") {
-        Some(Value::String(iss)) if *iss == rule.issuer => iss.clone(),
+        Some(Value::String(iss)) if iss == expected_issuer => iss.clone(),
         other => {
             let found = other.map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
-            return Err(JwtError::IssuerMismatch { expected: rule.issuer.clone(), found });
+            return Err(JwtError::IssuerMismatch { expected: expected_issuer.to_owned(), found });
         }
     };
-    check_audience(&claims, &rule.audiences)?;
+    check_audience(&claims, audiences)?;
     if let Some(exp) = numeric_date(&claims, "exp")?
         && now_unix > exp.saturating_add(CLOCK_SKEW_SECS)
     {
@@ -316,15 +329,11 @@ pub fn verify(token: &str, rule: &JwtRule, jwks: &Jwks, now_unix: i64) -> Result
         Some(_) => return Err(JwtError::Malformed("`sub` is not a string")),
     };
 
-    let mut flat = BTreeMap::new();
-    for (name, value) in &claims {
-        flatten(name, value, &mut flat);
-    }
     Ok(VerifiedJwt {
         principal: format!("{issuer}/{subject}"),
         issuer,
         subject,
-        claims: flat,
+        claims: flatten_claims(&claims),
         payload_b64: parts.payload.to_owned(),
     })
 }
@@ -411,6 +420,15 @@ fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Optio
         None if name == "exp" => Err(JwtError::Malformed("`exp` is not a number")),
         None => Err(JwtError::Malformed("`nbf` is not a number")),
     }
+}
+
+/// A token's claims as [`VerifiedJwt::claims`] holds them (also for `policy explain --jwt-claims`).
+pub fn flatten_claims(claims: &Map<String, Value>) -> BTreeMap<String, Vec<String>> {
+    let mut flat = BTreeMap::new();
+    for (name, value) in claims {
+        flatten(name, value, &mut flat);
+    }
+    flat
 }
 
 fn flatten(name: &str, value: &Value, out: &mut BTreeMap<String, Vec<String>>) {

@@ -10,6 +10,7 @@
 //! - [`http`]: request targets split and paths normalised as Istio does before `paths` rules.
 //! - [`jwt`]: JWT verification against a rule and a key set, pure (the clock passed in).
 //! - [`sidecar`]: the sidecar configuration file.
+//! - [`kube`]: workloads (labels, service account, port protocols) read from Kubernetes manifests.
 //! - [`pem`]: reading certificates and keys from PEM with errors that name the file.
 
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod certinfo;
 pub mod http;
 pub mod identity;
 pub mod jwt;
+pub mod kube;
 pub mod pem;
 pub mod policy;
 pub mod sidecar;

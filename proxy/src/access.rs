@@ -1,7 +1,8 @@
 //! The access log: one `access` event per finished connection, the same fields in both
 //! directions (field names are an API: `src.addr`, `src.identity`, `dst.addr`, `dst.identity`,
-//! `direction`, `mtls`, `policy`, `decision`, `reason`, `detail`, `bytes_sent`, `bytes_recv`,
-//! `duration_ms`).
+//! `port`, `direction`, `mtls`, `policy`, `decision`, `reason`, `detail`, `bytes_sent`,
+//! `bytes_recv`, `duration_ms`). `port` is the workload port policies name (inbound) or the
+//! destination port (outbound).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -18,6 +19,7 @@ pub struct Access<'a> {
     pub src_identity: Option<&'a SpiffeId>,
     pub dst_addr: SocketAddr,
     pub dst_identity: Option<&'a SpiffeId>,
+    pub port: u16,
     pub mtls: bool,
     /// The deciding rule (`ns[..]-policy[..]-rule[..]`), `none`, or `-` where no policy applies.
     pub policy: &'a str,
@@ -34,6 +36,7 @@ impl Access<'_> {
             src.identity = self.src_identity.map(SpiffeId::as_str).unwrap_or("-"),
             dst.addr = %self.dst_addr,
             dst.identity = self.dst_identity.map(SpiffeId::as_str).unwrap_or("-"),
+            port = self.port,
             mtls = self.mtls,
             policy = self.policy,
             decision,

@@ -78,6 +78,7 @@ fn route(view: &View, port: Port, req: &Request<Incoming>) -> Reply {
         (Port::Admin, &Method::GET, "/debug/plaintext_sources") => {
             json_reply(json!(view.shared.census_snapshot()))
         }
+        (Port::Admin, &Method::GET, "/debug/traffic") => json_reply(json!(view.shared.observed.snapshot())),
         (Port::Admin, m, "/logging") if m == Method::GET || m == Method::POST => logging(view, req),
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n")),
     }

@@ -127,6 +127,7 @@ async fn passthrough(shared: &Shared, app: TcpStream, peer: SocketAddr, dst: Soc
         src_identity: Some(&shared.id),
         dst_addr: dst,
         dst_identity: None,
+        port: dst.port(),
         mtls: false,
         policy: "passthrough",
         started: Instant::now(),

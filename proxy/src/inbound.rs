@@ -111,6 +111,7 @@ async fn handle(
     if !terminate {
         shared.metrics.plaintext.with_label_values(&[&port.port.to_string()]).inc();
         shared.census(peer);
+        shared.observed.connection(port.port, None, peer.ip());
         if let Some(http) = http
             && plaintext_is_http(shared, port, &tcp).await
         {
@@ -158,6 +159,7 @@ async fn handle(
     };
     let (_, conn) = stream.get_ref();
     let principal = peer_identity(conn.peer_certificates());
+    shared.observed.connection(port.port, principal.as_ref(), peer.ip());
     let sni = conn.server_name().map(str::to_owned);
     let mesh_http = conn.alpn_protocol().is_some_and(|a| HTTP_ALPNS.contains(&a));
     // This hop's XFCC element, for HTTP ports only (made once per connection, not per request).
@@ -241,10 +243,12 @@ async fn proxy_to_app<S>(
         src_identity: facts.principal.as_ref(),
         dst_addr: port.app,
         dst_identity: Some(&shared.id),
+        port: port.port,
         mtls,
         policy: &policy_label,
         started,
     };
+    shared.observed.decision(port.port, facts.principal.as_ref(), peer.ip(), None, decision.is_ok());
     if let Err(denied) = decision {
         shared.record_tcp(&with_flags(&labels, "RBAC"), true);
         event.log("deny", denied.reason(), "", 0, 0);

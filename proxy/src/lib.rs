@@ -20,6 +20,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
+pub mod observe;
 pub mod outbound;
 pub mod sidecar;
 pub mod tls;

@@ -289,6 +289,7 @@ async fn handle(
         src_identity: Some(&shared.id),
         dst_addr: up.remote,
         dst_identity: None,
+        port: up.remote.port(),
         mtls: route.mode != ClientTlsMode::Disable,
         policy: "-",
         started: Instant::now(),

@@ -92,6 +92,8 @@ pub struct Shared {
     slots: Arc<Semaphore>,
     failures: Mutex<VecDeque<Failure>>,
     census: Mutex<BTreeMap<IpAddr, CensusEntry>>,
+    /// Who connected and what was decided, for `keycard status` and `policy suggest`.
+    pub observed: crate::observe::Observed,
 }
 
 impl Shared {
@@ -401,6 +403,7 @@ impl Sidecar {
             slots: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             failures: Mutex::new(VecDeque::new()),
             census: Mutex::new(BTreeMap::new()),
+            observed: Default::default(),
         });
         let status = PolicyStatus {
             generation: 1,

@@ -43,6 +43,7 @@ pub enum Action {
 pub struct AuthzPolicy {
     pub namespace: String,
     pub name: String,
+    pub origin: super::Origin,
     pub action: Action,
     /// `None`: every workload of the namespace (or of the mesh, in the root namespace).
     pub selector: Option<BTreeMap<String, String>>,
@@ -154,6 +155,27 @@ impl ConditionKey {
 
     fn is_ip(&self) -> bool {
         matches!(self, Self::SourceIp | Self::RemoteIp | Self::DestinationIp)
+    }
+}
+
+impl fmt::Display for ConditionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SourceIp => f.write_str("source.ip"),
+            Self::RemoteIp => f.write_str("remote.ip"),
+            Self::SourceNamespace => f.write_str("source.namespace"),
+            Self::SourcePrincipal => f.write_str("source.principal"),
+            Self::DestinationIp => f.write_str("destination.ip"),
+            Self::DestinationPort => f.write_str("destination.port"),
+            Self::ConnectionSni => f.write_str("connection.sni"),
+            Self::Request(RequestKey::Header(name)) => write!(f, "request.headers[{name}]"),
+            Self::Request(RequestKey::Principal) => f.write_str("request.auth.principal"),
+            Self::Request(RequestKey::Audiences) => f.write_str("request.auth.audiences"),
+            Self::Request(RequestKey::Presenter) => f.write_str("request.auth.presenter"),
+            Self::Request(RequestKey::Claim(name)) => {
+                write!(f, "request.auth.claims[{}]", name.replace('.', "]["))
+            }
+        }
     }
 }
 
@@ -473,14 +495,36 @@ fn rule_id(p: &AuthzPolicy, rule: usize) -> RuleId {
 }
 
 fn rule_matches(rule: &Rule, action: Action, attrs: &Attributes<'_>) -> bool {
+    rule_miss(rule, action, attrs).is_none()
+}
+
+/// Why a rule did not match: the first part that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// An ALLOW or AUDIT rule with HTTP-only fields, on a TCP connection.
+    HttpOnlyOnTcp,
+    /// No `from` entry matched; the field that failed in the first one.
+    From(&'static str),
+    /// No `to` entry matched; the field that failed in the first one.
+    To(&'static str),
+    /// The `when` condition at this index failed.
+    When(usize),
+}
+
+/// `None` when the rule matches, else the first part that failed. The one matcher: the
+/// decision ([`evaluate`]) and `policy explain` both come through here.
+pub fn rule_miss(rule: &Rule, action: Action, attrs: &Attributes<'_>) -> Option<Miss> {
     let tcp = attrs.http.is_none();
     if tcp && action != Action::Deny && rule_has_http_fields(rule) {
-        return false;
+        return Some(Miss::HttpOnlyOnTcp);
     }
-    let from = rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, attrs));
-    let to = rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, attrs));
-    let when = rule.when.iter().all(|c| condition_matches(c, attrs));
-    from && to && when
+    if !rule.from.is_empty() && !rule.from.iter().any(|s| source_miss(s, attrs).is_none()) {
+        return source_miss(&rule.from[0], attrs).map(Miss::From);
+    }
+    if !rule.to.is_empty() && !rule.to.iter().any(|o| operation_miss(o, attrs).is_none()) {
+        return operation_miss(&rule.to[0], attrs).map(Miss::To);
+    }
+    rule.when.iter().position(|c| !condition_matches(c, attrs)).map(Miss::When)
 }
 
 /// Whether a rule uses anything only an HTTP request has.
@@ -507,43 +551,54 @@ fn not_field<T>(set: &Option<Vec<T>>, hit: impl Fn(&T) -> bool) -> bool {
     set.as_ref().is_none_or(|vals| !vals.iter().any(hit))
 }
 
-fn source_matches(s: &SourceMatch, a: &Attributes<'_>) -> bool {
+/// The first field of a `from` entry that fails, by its YAML name.
+fn source_miss(s: &SourceMatch, a: &Attributes<'_>) -> Option<&'static str> {
     let principal = a.source_principal.map(SpiffeId::principal);
     let namespace = a.source_principal.and_then(|id| id.k8s()).map(|k| k.namespace);
     let in_net = |n: &IpNet| n.contains(&a.source_ip);
-    let mut ok = field(&s.principals, |p| p.matches(principal))
-        && not_field(&s.not_principals, |p| p.matches(principal))
-        && field(&s.namespaces, |p| p.matches(namespace))
-        && not_field(&s.not_namespaces, |p| p.matches(namespace))
-        && field(&s.ip_blocks, in_net)
-        && not_field(&s.not_ip_blocks, in_net)
-        && field(&s.remote_ip_blocks, in_net)
-        && not_field(&s.not_remote_ip_blocks, in_net);
-    if let Some(http) = a.http {
-        let rp = http.request_principal.as_deref();
-        ok = ok
-            && field(&s.request_principals, |p| p.matches(rp))
-            && not_field(&s.not_request_principals, |p| p.matches(rp));
+    let checks = [
+        ("principals", field(&s.principals, |p| p.matches(principal))),
+        ("notPrincipals", not_field(&s.not_principals, |p| p.matches(principal))),
+        ("namespaces", field(&s.namespaces, |p| p.matches(namespace))),
+        ("notNamespaces", not_field(&s.not_namespaces, |p| p.matches(namespace))),
+        ("ipBlocks", field(&s.ip_blocks, in_net)),
+        ("notIpBlocks", not_field(&s.not_ip_blocks, in_net)),
+        ("remoteIpBlocks", field(&s.remote_ip_blocks, in_net)),
+        ("notRemoteIpBlocks", not_field(&s.not_remote_ip_blocks, in_net)),
+    ];
+    if let Some((name, _)) = checks.iter().find(|(_, ok)| !ok) {
+        return Some(name);
     }
-    ok
+    let http = a.http?;
+    let rp = http.request_principal.as_deref();
+    if !field(&s.request_principals, |p| p.matches(rp)) {
+        return Some("requestPrincipals");
+    }
+    (!not_field(&s.not_request_principals, |p| p.matches(rp))).then_some("notRequestPrincipals")
 }
 
-fn operation_matches(o: &OperationMatch, a: &Attributes<'_>) -> bool {
+/// The first field of a `to` entry that fails, by its YAML name.
+fn operation_miss(o: &OperationMatch, a: &Attributes<'_>) -> Option<&'static str> {
     let port = |p: &u16| *p == a.destination_port;
-    let mut ok = field(&o.ports, port) && not_field(&o.not_ports, port);
-    if let Some(http) = a.http {
-        let host = http.host.as_str();
-        let method = Some(http.method.as_str());
-        let path = Some(http.path.as_str());
-        ok = ok
-            && field(&o.hosts, |p| p.matches_authority(host))
-            && not_field(&o.not_hosts, |p| p.matches_authority(host))
-            && field(&o.methods, |p| p.matches(method))
-            && not_field(&o.not_methods, |p| p.matches(method))
-            && field(&o.paths, |p| p.matches(path))
-            && not_field(&o.not_paths, |p| p.matches(path));
+    if !field(&o.ports, port) {
+        return Some("ports");
     }
-    ok
+    if !not_field(&o.not_ports, port) {
+        return Some("notPorts");
+    }
+    let http = a.http?;
+    let host = http.host.as_str();
+    let method = Some(http.method.as_str());
+    let path = Some(http.path.as_str());
+    let checks = [
+        ("hosts", field(&o.hosts, |p| p.matches_authority(host))),
+        ("notHosts", not_field(&o.not_hosts, |p| p.matches_authority(host))),
+        ("methods", field(&o.methods, |p| p.matches(method))),
+        ("notMethods", not_field(&o.not_methods, |p| p.matches(method))),
+        ("paths", field(&o.paths, |p| p.matches(path))),
+        ("notPaths", not_field(&o.not_paths, |p| p.matches(path))),
+    ];
+    checks.iter().find(|(_, ok)| !ok).map(|(name, _)| *name)
 }
 
 fn condition_matches(c: &Condition, a: &Attributes<'_>) -> bool {

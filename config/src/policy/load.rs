@@ -43,20 +43,40 @@ const SECURITY_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/
 const NETWORKING_VERSIONS: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 
+/// A document of a kind keycard does not read (a Deployment, a Service, a VirtualService), passed
+/// over by [`parse_manifest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub kind: String,
+    pub api_version: Option<String>,
+    pub line: u64,
+}
+
 /// Parses every document of one YAML text. `file` only names the source in errors.
 pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Resource>, LoadError> {
+    let (resources, skipped) = parse_manifest(text, file)?;
+    if let Some(s) = skipped.first() {
+        let msg = format!(
+            "unsupported kind `{}`: keycard reads PeerAuthentication, AuthorizationPolicy, RequestAuthentication and DestinationRule",
+            s.kind
+        );
+        return Err(error_at(file, text, s.line, 0, msg).with_field("kind"));
+    }
+    Ok(resources)
+}
+
+/// Like [`parse_documents`], for a directory of mixed manifests: documents of other kinds are
+/// returned as [`Skipped`] instead of failing the file.
+pub fn parse_manifest(text: &str, file: &Path) -> Result<(Vec<Resource>, Vec<Skipped>), LoadError> {
     let docs: Vec<Option<Document>> =
         serde_saphyr::from_multiple(text).map_err(|e| yaml_error(&e, text, file))?;
     let mut out = Vec::new();
+    let mut skipped = Vec::new();
     for doc in docs.into_iter().flatten() {
         match doc {
             Document::Resource(r) => out.push(*r),
-            Document::UnsupportedKind(kind) => {
-                let msg = format!(
-                    "unsupported kind `{}`: keycard reads PeerAuthentication, AuthorizationPolicy, RequestAuthentication and DestinationRule",
-                    kind.value
-                );
-                return Err(spanned_error(file, text, &kind, msg));
+            Document::UnsupportedKind { kind, api_version } => {
+                skipped.push(Skipped { kind: kind.value, api_version, line: kind.referenced.line() })
             }
             Document::UnsupportedVersion { api_version, kind } => {
                 let allowed = if kind == "DestinationRule" { NETWORKING_VERSIONS } else { SECURITY_VERSIONS };
@@ -69,7 +89,14 @@ pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Resource>, LoadErr
             }
         }
     }
-    Ok(out)
+    Ok((out, skipped))
+}
+
+impl LoadError {
+    fn with_field(mut self, field: &str) -> Self {
+        self.field = Some(field.to_owned());
+        self
+    }
 }
 
 /// An error at a known location, with the field read from that line of the source.
@@ -118,7 +145,7 @@ fn field_on_line(text: &str, line: u64) -> Option<String> {
 /// can still name the line (an error raised inside a visitor carries none).
 enum Document {
     Resource(Box<Resource>),
-    UnsupportedKind(Spanned<String>),
+    UnsupportedKind { kind: Spanned<String>, api_version: Option<String> },
     UnsupportedVersion { api_version: Spanned<String>, kind: String },
 }
 
@@ -165,10 +192,11 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                         unsupported = Some(k);
                     }
                 }
-                "metadata" => metadata = Some(map.next_value::<Metadata>()?),
-                "spec" if unsupported.is_some() => {
+                // Another kind's fields (a Deployment's metadata, a ConfigMap's data) are not ours.
+                _ if unsupported.is_some() => {
                     map.next_value::<IgnoredAny>()?;
                 }
+                "metadata" => metadata = Some(map.next_value::<Metadata>()?),
                 "spec" => {
                     spec = Some(match kind.as_deref() {
                         Some("PeerAuthentication") => Spec::Peer(map.next_value()?),
@@ -188,8 +216,8 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                 }
             }
         }
-        if let Some(k) = unsupported {
-            return Ok(Document::UnsupportedKind(k));
+        if let Some(kind) = unsupported {
+            return Ok(Document::UnsupportedKind { kind, api_version: api_version.map(|v| v.value) });
         }
         let kind = kind.ok_or_else(|| de::Error::missing_field("kind"))?;
         let api_version = api_version.ok_or_else(|| de::Error::missing_field("apiVersion"))?;

@@ -6,6 +6,8 @@
 //! `selector.matchLabels`, as Istio does).
 
 pub mod authz;
+pub mod explain;
+pub mod lint;
 pub mod load;
 pub mod model;
 pub mod peerauth;
@@ -44,6 +46,19 @@ pub struct DestTls {
     pub private_key: Option<String>,
     pub ca_certificates: Option<String>,
     pub sni: Option<String>,
+}
+
+/// Where a resource was read: its file and the line of its `metadata.name`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: u64,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
 }
 
 /// Everything loaded from the policy files.
@@ -115,7 +130,22 @@ impl PolicySet {
 
     /// Adds the resources of one YAML text; `file` names it in errors.
     pub fn add_text(&mut self, text: &str, file: &Path) -> Result<(), LoadError> {
-        for resource in load::parse_documents(text, file)? {
+        self.add_resources(load::parse_documents(text, file)?, text, file)
+    }
+
+    /// Adds the Istio resources of a text that may hold other kinds too (a directory of
+    /// manifests); returns what it passed over. The resources of a file with an error are not added.
+    pub fn add_manifest(&mut self, text: &str, file: &Path) -> Result<Vec<load::Skipped>, LoadError> {
+        let (resources, skipped) = load::parse_manifest(text, file)?;
+        let mut staged = self.clone();
+        staged.add_resources(resources, text, file)?;
+        staged.files.push(file.to_owned());
+        *self = staged;
+        Ok(skipped)
+    }
+
+    fn add_resources(&mut self, resources: Vec<Resource>, text: &str, file: &Path) -> Result<(), LoadError> {
+        for resource in resources {
             let order = self.peer_auth.len() + self.authz.len() + self.dest_tls.len();
             let cx = Cx { file, text };
             match resource {
@@ -189,6 +219,10 @@ impl Cx<'_> {
         md.namespace.clone().unwrap_or_else(|| "default".into())
     }
 
+    fn origin(&self, md: &model::Metadata) -> Origin {
+        Origin { file: self.file.to_owned(), line: md.name.referenced.line() }
+    }
+
     fn peer_auth(&self, o: Object<PeerAuthenticationSpec>, order: usize) -> Result<PeerAuth, LoadError> {
         let selector = o.spec.selector.map(|s| s.match_labels);
         if let Some(ports) = &o.spec.port_level_mtls
@@ -198,7 +232,8 @@ impl Cx<'_> {
         }
         Ok(PeerAuth {
             namespace: self.namespace(&o.metadata),
-            name: o.metadata.name.clone(),
+            name: o.metadata.name.value.clone(),
+            origin: self.origin(&o.metadata),
             selector,
             mode: o.spec.mtls.map(|m| m.mode).unwrap_or_default(),
             port_modes: o
@@ -250,7 +285,8 @@ impl Cx<'_> {
         let rules = spec.rules.iter().map(|r| self.rule(r)).collect::<Result<Vec<_>, _>>()?;
         Ok(AuthzPolicy {
             namespace: self.namespace(&o.metadata),
-            name: o.metadata.name,
+            origin: self.origin(&o.metadata),
+            name: o.metadata.name.value,
             action,
             selector: spec.selector.map(|s| s.match_labels),
             dry_run,
@@ -371,7 +407,7 @@ impl Cx<'_> {
     }
 
     fn dest_rule(&self, o: Object<DestinationRuleSpec>) -> Result<(Vec<DestTls>, Vec<String>), LoadError> {
-        let (ns, name) = (self.namespace(&o.metadata), o.metadata.name.clone());
+        let (ns, name) = (self.namespace(&o.metadata), o.metadata.name.value.clone());
         let mut warnings = Vec::new();
         let mut warn = |what: &str, at: &Option<Spanned<serde::de::IgnoredAny>>| {
             if let Some(at) = at {

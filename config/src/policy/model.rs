@@ -13,10 +13,10 @@ pub type S = Spanned<String>;
 
 /// The Kubernetes object metadata keycard reads; the server-set fields of `kubectl get -o yaml`
 /// output are accepted and ignored.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
-    pub name: String,
+    pub name: Spanned<String>,
     #[serde(default)]
     pub namespace: Option<String>,
     #[serde(default)]
@@ -85,6 +85,23 @@ pub enum MtlsMode {
     Disable,
     Permissive,
     Strict,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unset => "UNSET",
+            Self::Disable => "DISABLE",
+            Self::Permissive => "PERMISSIVE",
+            Self::Strict => "STRICT",
+        }
+    }
+}
+
+impl std::fmt::Display for MtlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 // ---- AuthorizationPolicy ----

@@ -14,6 +14,7 @@ use super::model::MtlsMode;
 pub struct PeerAuth {
     pub namespace: String,
     pub name: String,
+    pub origin: super::Origin,
     pub selector: Option<BTreeMap<String, String>>,
     pub mode: MtlsMode,
     pub port_modes: BTreeMap<u16, MtlsMode>,

@@ -24,6 +24,7 @@ pub const DEFAULT_TOKEN_PARAM: &str = "access_token";
 pub struct RequestAuthn {
     pub namespace: String,
     pub name: String,
+    pub origin: super::Origin,
     /// `None`: every workload of the namespace (or of the mesh, in the root namespace).
     pub selector: Option<BTreeMap<String, String>>,
     pub rules: Vec<JwtRule>,
@@ -70,7 +71,8 @@ impl Cx<'_> {
         if let Some(t) = spec.target_ref.as_ref().or(spec.target_refs.as_ref()) {
             return Err(self.err(t, "targetRef is not supported: keycard applies policies by selector"));
         }
-        let (namespace, name) = (self.namespace(&o.metadata), o.metadata.name);
+        let (namespace, name, origin) =
+            (self.namespace(&o.metadata), o.metadata.name.value.clone(), self.origin(&o.metadata));
         let mut warnings = Vec::new();
         let rules = spec
             .jwt_rules
@@ -78,7 +80,7 @@ impl Cx<'_> {
             .map(|r| self.jwt_rule(r, &namespace, &name, &mut warnings))
             .collect::<Result<Vec<_>, _>>()?;
         let selector = spec.selector.map(|s| s.match_labels);
-        Ok((RequestAuthn { namespace, name, selector, rules }, warnings))
+        Ok((RequestAuthn { namespace, name, origin, selector, rules }, warnings))
     }
 
     fn jwt_rule(

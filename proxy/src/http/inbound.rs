@@ -107,6 +107,7 @@ impl InboundHttp {
         let mut ex = Exchange {
             src_identity: peer.identity.clone(),
             dst_identity: Some(shared.id.clone()),
+            port: self.port.port,
             mtls: peer.identity.is_some(),
             ..Exchange::start(Direction::Inbound, peer.addr, self.port.app, &parts, &authority)
         };

@@ -37,6 +37,8 @@ pub struct Exchange {
     pub src_identity: Option<SpiffeId>,
     pub dst_addr: SocketAddr,
     pub dst_identity: Option<SpiffeId>,
+    /// The workload port policies name (inbound), the destination port (outbound).
+    pub port: u16,
     pub mtls: bool,
     /// The deciding rule, `none`, or `-` where no policy is evaluated (outbound).
     pub policy: String,
@@ -78,6 +80,7 @@ impl Exchange {
             src_identity: None,
             dst_addr,
             dst_identity: None,
+            port: dst_addr.port(),
             mtls: false,
             policy: "-".to_owned(),
             method: parts.method.to_string(),
@@ -113,6 +116,12 @@ impl Exchange {
         let m = &shared.metrics;
         let elapsed = self.started.elapsed();
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        if self.direction == Direction::Inbound {
+            let request = Some((self.method.as_str(), self.path.as_str()));
+            let allowed = verdict.decision == "allow";
+            let src = self.src_identity.as_ref();
+            shared.observed.decision(self.port, src, self.src_addr.ip(), request, allowed);
+        }
         m.requests.with_label_values(&labels).inc();
         m.request_duration.with_label_values(&labels).observe(elapsed.as_secs_f64() * 1000.0);
         m.request_bytes.with_label_values(&labels).observe(request_bytes as f64);
@@ -124,6 +133,7 @@ impl Exchange {
             src.identity = self.src_identity.as_ref().map_or("-", SpiffeId::as_str),
             dst.addr = %self.dst_addr,
             dst.identity = self.dst_identity.as_ref().map_or("-", SpiffeId::as_str),
+            port = self.port,
             mtls = self.mtls,
             protocol = self.protocol,
             method = %self.method,
