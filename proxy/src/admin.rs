@@ -121,6 +121,9 @@ fn certs(view: &View) -> serde_json::Value {
             },
             "chain": certinfo::describe_all(&t.chain, now).unwrap_or_default(),
             "trust_bundle": certinfo::describe_all(t.bundle.roots(), now).unwrap_or_default(),
+            // Certificates only: the key never leaves the sidecar's memory.
+            "chain_pem": keycard_config::pem::certs_to_pem(&t.chain),
+            "trust_bundle_pem": keycard_config::pem::certs_to_pem(t.bundle.roots()),
         }),
     }
 }

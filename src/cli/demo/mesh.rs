@@ -360,12 +360,25 @@ impl Mesh {
 
     pub(super) fn try_it(&self, keep_running: bool) -> String {
         let p = &self.ports;
+        // `cargo run -- demo` puts no `keycard` on PATH: name the binary that is running.
+        let exe = std::env::current_exe().map_or_else(|_| "keycard".to_owned(), |e| e.display().to_string());
         let lines = [
             (
                 format!("curl http://{}/productpage", p["ingress"].outbound["productpage"]),
                 "through the ingress",
             ),
-            (format!("curl http://{}/certs", p["productpage"].admin), "productpage's certificate"),
+            (format!("{exe} certs --admin {}", p["productpage"].admin), "productpage's certificate"),
+            (
+                format!("{exe} status --admin {}", p["details"].admin),
+                "details: modes, who connects, safe to go STRICT?",
+            ),
+            (
+                format!(
+                    "{exe} policy explain -f {} --workload default/details --labels app=details --from spiffe://cluster.local/ns/default/sa/sleep --port 9080 --path /details/0",
+                    self.dir.join("policies.yaml").display()
+                ),
+                "why sleep is denied",
+            ),
             (
                 format!(
                     "curl -s http://{}/stats/prometheus | grep istio_requests_total",
