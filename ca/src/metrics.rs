@@ -5,7 +5,7 @@ use prometheus::{Gauge, IntCounterVec, Opts, Registry};
 
 #[derive(Debug, Clone)]
 pub struct CaMetrics {
-    /// Certificates issued, by how the caller authenticated (`token` or `mtls`).
+    /// Certificates issued, by how the caller authenticated (`token`, `kubernetes` or `mtls`).
     pub issued: IntCounterVec,
     /// Requests refused, by reason (`invalid_token`, `expired_token`, `identity_mismatch`, ...).
     pub refused: IntCounterVec,

@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::authority::CsrError;
+use crate::k8s::ServiceAccountTokens;
 use crate::metrics::{self, CaMetrics};
 use crate::profile::ExtraNames;
 use crate::store::LoadedCa;
@@ -52,6 +53,9 @@ pub struct ServeOptions {
     pub request_timeout: std::time::Duration,
     /// Connections served at once; more are closed at accept. Default 1024.
     pub max_connections: usize,
+    /// Also accept Kubernetes service-account tokens (a pod's projected token) as bootstrap
+    /// credentials. Default: none, only the CA's own bootstrap tokens.
+    pub kubernetes: Option<Arc<ServiceAccountTokens>>,
 }
 
 impl Default for ServeOptions {
@@ -63,6 +67,7 @@ impl Default for ServeOptions {
             handshake_timeout: std::time::Duration::from_secs(10),
             request_timeout: std::time::Duration::from_secs(10),
             max_connections: 1024,
+            kubernetes: None,
         }
     }
 }
@@ -283,16 +288,9 @@ async fn sign(state: &State, peer: Option<&SpiffeId>, req: Request<Incoming>) ->
         Err(e) => return refuse(state, Refusal::BadRequest, format!("the body is not a sign request: {e}")),
     };
     let (id, auth) = match (bearer, peer) {
-        (Some(token), _) => match state.ca.tokens.verify(&token, now.unix_timestamp()) {
-            Ok(id) => (id, "token"),
-            Err(e) => {
-                let refusal = match e {
-                    TokenError::Expired { .. } => Refusal::ExpiredToken,
-                    TokenError::ForeignTrustDomain { .. } => Refusal::ForeignTrustDomain,
-                    _ => Refusal::InvalidToken,
-                };
-                return refuse(state, refusal, e.to_string());
-            }
+        (Some(token), _) => match authenticate_token(state, &token, now.unix_timestamp()) {
+            Ok(authenticated) => authenticated,
+            Err((refusal, message)) => return refuse(state, refusal, message),
         },
         (None, Some(id)) => (id.clone(), "mtls"),
         (None, None) => {
@@ -335,6 +333,45 @@ async fn sign(state: &State, peer: Option<&SpiffeId>, req: Request<Incoming>) ->
         not_after: rfc3339(issued.not_after),
     };
     reply(StatusCode::OK, "application/json", serde_json::to_string(&body).unwrap_or_default())
+}
+
+/// The identity a bearer token proves and how (`token` for our own bootstrap tokens, `kubernetes`
+/// for a service-account token), chosen by the token's (unverified) issuer; the verification
+/// that follows is what counts.
+fn authenticate_token(
+    state: &State,
+    token: &str,
+    now: i64,
+) -> Result<(SpiffeId, &'static str), (Refusal, String)> {
+    let ours = state.ca.authority.trust_domain().id_uri();
+    let issuer = keycard_config::jwt::issuer_of(token).ok();
+    if let Some(k8s) = &state.opts.kubernetes {
+        if issuer.as_deref() == Some(k8s.issuer()) {
+            return match k8s.verify(token, now) {
+                Ok(id) => Ok((id, "kubernetes")),
+                Err(e) if e.is_expired() => Err((Refusal::ExpiredToken, e.to_string())),
+                Err(e) => Err((Refusal::InvalidToken, e.to_string())),
+            };
+        }
+        if let Some(other) = issuer.filter(|iss| *iss != ours) {
+            let msg = format!(
+                "the token's issuer {other:?} is neither this cluster's ({:?}) nor this CA's ({ours:?})",
+                k8s.issuer()
+            );
+            return Err((Refusal::InvalidToken, msg));
+        }
+    }
+    match state.ca.tokens.verify(token, now) {
+        Ok(id) => Ok((id, "token")),
+        Err(e) => {
+            let refusal = match e {
+                TokenError::Expired { .. } => Refusal::ExpiredToken,
+                TokenError::ForeignTrustDomain { .. } => Refusal::ForeignTrustDomain,
+                _ => Refusal::InvalidToken,
+            };
+            Err((refusal, e.to_string()))
+        }
+    }
 }
 
 fn refuse(state: &State, refusal: Refusal, message: String) -> Reply {

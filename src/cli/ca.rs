@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
+use keycard_ca::k8s::ServiceAccountTokens;
 use keycard_ca::profile::ExtraNames;
 use keycard_ca::server::ServeOptions;
 use keycard_ca::store::{self, InitOptions};
@@ -121,6 +122,17 @@ pub struct ServeArgs {
     /// always included).
     #[arg(long = "san")]
     sans: Vec<String>,
+    /// Also accept Kubernetes service-account tokens from this issuer (the `iss` of the cluster's
+    /// tokens: `kubectl get --raw /.well-known/openid-configuration`), as bootstrap credentials
+    /// for `ns/<namespace>/sa/<service account>`.
+    #[arg(long, requires = "k8s_jwks", value_name = "ISSUER")]
+    k8s_issuer: Option<String>,
+    /// The cluster's key set (`kubectl get --raw /openid/v1/jwks`), reloaded when the file changes.
+    #[arg(long, requires = "k8s_issuer", value_name = "FILE")]
+    k8s_jwks: Option<PathBuf>,
+    /// The audience a service-account token must carry (the pod's projected token asks for it).
+    #[arg(long, default_value = keycard_ca::k8s::DEFAULT_AUDIENCE, value_name = "AUDIENCE")]
+    k8s_audience: String,
 }
 
 #[derive(Debug, Args)]
@@ -310,10 +322,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if !a.listen.ip().is_unspecified() {
         names.ips.push(a.listen.ip());
     }
+    let kubernetes = match (a.k8s_issuer, a.k8s_jwks) {
+        (Some(issuer), Some(jwks)) => {
+            let td = ca.authority.trust_domain().clone();
+            let tokens = ServiceAccountTokens::load(issuer, a.k8s_audience, jwks, td)
+                .context("--k8s-jwks: cannot use the cluster's key set")?;
+            Some(std::sync::Arc::new(tokens))
+        }
+        _ => None,
+    };
     let opts = ServeOptions {
         default_ttl: a.default_ttl,
         max_ttl: a.max_ttl,
         server_names: names,
+        kubernetes,
         ..Default::default()
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
@@ -322,7 +344,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", a.listen))?;
         let addr = listener.local_addr()?;
-        tracing::info!(trust_domain = %ca.authority.trust_domain(), listen = %addr, "keycard CA serving");
+        let k8s_issuer = opts.kubernetes.as_ref().map(|k| k.issuer().to_owned());
+        tracing::info!(trust_domain = %ca.authority.trust_domain(), listen = %addr, ?k8s_issuer, "keycard CA serving");
         let registry = prometheus::Registry::new();
         keycard_ca::server::serve(listener, ca, opts, registry, shutdown_signal()).await?;
         tracing::info!("keycard CA stopped");

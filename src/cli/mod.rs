@@ -3,11 +3,16 @@
 
 mod bookinfo;
 mod ca;
+mod completion;
 mod container;
 mod demo;
+mod inject;
 mod iptables;
+mod policy;
 mod proxy;
 mod spiffe;
+mod status;
+mod suggest;
 
 use std::process::ExitCode;
 
@@ -57,6 +62,13 @@ enum Command {
     /// SPIFFE IDs and X.509-SVIDs: parse, verify.
     #[command(subcommand)]
     Spiffe(spiffe::SpiffeCommand),
+    /// Istio security policy offline: check (lint), explain a decision, suggest from traffic.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// A live sidecar: modes per port, who connects with and without mTLS, safe to go STRICT?
+    Status(status::StatusArgs),
+    /// A live sidecar's certificate chain and trust bundle (like `istioctl proxy-config secret`).
+    Certs(status::CertsArgs),
     /// Run the sidecar: mutual TLS in and out, PeerAuthentication and AuthorizationPolicy.
     Proxy(proxy::ProxyArgs),
     /// Istio's Bookinfo security lab on loopback: a CA, sidecars, policies, every flow checked.
@@ -67,6 +79,10 @@ enum Command {
     Pause,
     /// Exit 0 when a sidecar (or a URL) reports ready: the image's HEALTHCHECK.
     Healthcheck(container::HealthcheckArgs),
+    /// Add keycard (capture init step, sidecar, its configuration) to Kubernetes manifests.
+    Inject(inject::InjectArgs),
+    /// Print a shell completion script (bash, zsh or fish).
+    Completion(completion::CompletionArgs),
     /// The Bookinfo apps and a one-request HTTP client, for the compose mesh.
     #[command(subcommand, hide = true)]
     Bookinfo(bookinfo::BookinfoCommand),
@@ -76,11 +92,16 @@ pub fn run(cli: Cli, log_control: keycard_proxy::admin::LogControl) -> anyhow::R
     match cli.command {
         Command::Ca(cmd) => ca::run(cmd),
         Command::Spiffe(cmd) => spiffe::run(cmd),
+        Command::Policy(cmd) => policy::run(cmd),
+        Command::Status(args) => status::status(&args),
+        Command::Certs(args) => status::certs(&args),
         Command::Proxy(args) => proxy::run(args, log_control),
         Command::Demo(args) => demo::run(args),
         Command::Iptables(args) => iptables::run(args),
         Command::Pause => container::pause(),
         Command::Healthcheck(args) => container::healthcheck(args),
+        Command::Inject(args) => inject::run(args),
+        Command::Completion(args) => completion::run(args),
         Command::Bookinfo(cmd) => bookinfo::run(cmd),
     }
 }

@@ -294,8 +294,8 @@ pub fn certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
             for (title, key) in [("chain", "chain"), ("trust bundle", "trust_bundle")] {
                 println!("{title}:");
                 println!(
-                    "  {:<13} {:<28} {:<21} {:<21} {}",
-                    "TYPE", "SERIAL", "NOT BEFORE", "NOT AFTER", "SPIFFE ID / SUBJECT"
+                    "  {:<13} {:<28} {:<21} {:<21} SPIFFE ID / SUBJECT",
+                    "TYPE", "SERIAL", "NOT BEFORE", "NOT AFTER"
                 );
                 for c in certs[key].as_array().map(Vec::as_slice).unwrap_or_default() {
                     let serial = c["serial"].as_str().unwrap_or("?");
