@@ -191,16 +191,8 @@ fn texts(paths: &[PathBuf], errors: &mut Vec<LoadError>) -> Vec<(PathBuf, String
             continue;
         }
         let files = if path.is_dir() {
-            match std::fs::read_dir(path) {
-                Ok(entries) => {
-                    let mut found: Vec<PathBuf> = entries
-                        .filter_map(Result::ok)
-                        .map(|e| e.path())
-                        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-                        .collect();
-                    found.sort();
-                    found
-                }
+            match keycard_config::policy::yaml_files(path) {
+                Ok(found) => found,
                 Err(e) => {
                     errors.push(error(path, e));
                     continue;

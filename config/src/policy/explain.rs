@@ -76,35 +76,26 @@ pub fn explain(policy: &WorkloadPolicy, attrs: &Attributes<'_>, plaintext: bool)
         }
     }
     let allow_count = policy.authz.iter().filter(|p| p.action == Action::Allow && !p.dry_run).count();
-    let (allowed, reason, rule, summary) = match decision {
-        Ok(p) => match p.rule {
-            Some(rule) => {
-                let s = format!("ALLOW: {rule} matched");
-                (true, "allowed_by_policy".to_owned(), Some(rule), s)
-            }
-            None => (
-                true,
-                "no_policy".to_owned(),
-                None,
-                "ALLOW: no ALLOW policy applies to this workload and no DENY rule matched".to_owned(),
-            ),
-        },
-        Err(d) => match d.rule {
-            Some(rule) => {
-                let s = format!("DENY: {rule} matched");
-                (false, "denied_by_policy".to_owned(), Some(rule), s)
-            }
-            None => (
-                false,
-                "no_matching_allow".to_owned(),
-                None,
-                format!(
-                    "DENY: {allow_count} ALLOW polic{} apply and none matched",
-                    if allow_count == 1 { "y" } else { "ies" }
-                ),
-            ),
-        },
+    let (allowed, rule) = match decision {
+        Ok(p) => (true, p.rule),
+        Err(d) => (false, d.rule),
     };
+    let (reason, summary) = match (&rule, allowed) {
+        (Some(r), true) => ("allowed_by_policy", format!("ALLOW: {r} matched")),
+        (Some(r), false) => ("denied_by_policy", format!("DENY: {r} matched")),
+        (None, true) => (
+            "no_policy",
+            "ALLOW: no ALLOW policy applies to this workload and no DENY rule matched".to_owned(),
+        ),
+        (None, false) => (
+            "no_matching_allow",
+            format!(
+                "DENY: {allow_count} ALLOW polic{} apply and none matched",
+                if allow_count == 1 { "y" } else { "ies" }
+            ),
+        ),
+    };
+    let reason = reason.to_owned();
     Explanation { mtls, allowed, reason, rule, policies, summary }
 }
 

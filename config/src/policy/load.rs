@@ -114,17 +114,22 @@ pub fn spanned_error<T>(file: &Path, text: &str, s: &Spanned<T>, message: impl I
     error_at(file, text, s.referenced.line(), s.referenced.column(), message)
 }
 
-pub(crate) fn yaml_error(e: &serde_saphyr::Error, text: &str, file: &Path) -> LoadError {
+/// A YAML error's message without the location prefix serde-saphyr puts in front of it.
+pub fn yaml_message(e: &serde_saphyr::Error) -> String {
     let full = e.to_string();
     let first = full.lines().next().unwrap_or_default();
     // "error: line 14 column 17: invalid u16" -> "invalid u16"
-    let message = first
+    first
         .strip_prefix("error: ")
         .unwrap_or(first)
         .split_once(": ")
         .filter(|(head, _)| head.starts_with("line "))
         .map_or(first, |(_, rest)| rest)
-        .to_owned();
+        .to_owned()
+}
+
+pub(crate) fn yaml_error(e: &serde_saphyr::Error, text: &str, file: &Path) -> LoadError {
+    let message = yaml_message(e);
     match e.location() {
         Some(loc) => error_at(file, text, loc.line(), loc.column(), message),
         None => LoadError { file: file.to_owned(), line: 0, column: 0, field: None, message },

@@ -107,14 +107,7 @@ impl PolicySet {
         let mut files = Vec::new();
         for path in paths {
             if path.is_dir() {
-                let entries = std::fs::read_dir(path).map_err(|e| io_error(path, &e))?;
-                let mut found: Vec<PathBuf> = entries
-                    .filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-                    .collect();
-                found.sort();
-                files.extend(found);
+                files.extend(yaml_files(path).map_err(|e| io_error(path, &e))?);
             } else {
                 files.push(path.clone());
             }
@@ -198,6 +191,17 @@ impl PolicySet {
         let candidates = || self.dest_tls.iter().filter(|d| host_matches(&d.host));
         candidates().find(|d| d.port == Some(port)).or_else(|| candidates().find(|d| d.port.is_none()))
     }
+}
+
+/// The `*.yaml` / `*.yml` files of a directory (not recursive), in name order.
+pub fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    found.sort();
+    Ok(found)
 }
 
 fn io_error(path: &Path, e: &std::io::Error) -> LoadError {

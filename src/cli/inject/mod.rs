@@ -314,15 +314,7 @@ impl Cx<'_> {
 }
 
 fn yaml_error(e: &serde_saphyr::Error, file: &str) -> InjectError {
-    let full = e.to_string();
-    let first = full.lines().next().unwrap_or_default();
-    // "error: line 14 column 17: did not find expected key" -> "did not find expected key"
-    let message = first
-        .strip_prefix("error: ")
-        .unwrap_or(first)
-        .split_once(": ")
-        .filter(|(head, _)| head.starts_with("line "))
-        .map_or(first, |(_, rest)| rest);
+    let message = keycard_config::policy::load::yaml_message(e);
     let line = e.location().map_or(0, |l| l.line());
     InjectError { file: file.to_owned(), line, message: format!("not valid YAML: {message}") }
 }
