@@ -6,7 +6,9 @@
 //! - [`inbound`], [`outbound`]: the two directions; [`forward`]: bytes both ways.
 //! - [`http`]: L7 for HTTP/1.1, HTTP/2 and gRPC ports (per-request policy, JWT, pooled mTLS).
 //! - [`sidecar`]: assembly, policy reload, drain; [`conns`]: live connections for re-evaluation.
-//! - [`metrics`], [`access`], [`admin`]: what it reports.
+//! - [`capture`]: the transparent-interception listeners (original destination).
+//! - [`metrics`], [`access`], [`admin`]: what it reports; [`observe`]: what arrived, for
+//!   `keycard status` and `policy suggest`.
 
 #![forbid(unsafe_code)]
 

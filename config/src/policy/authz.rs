@@ -556,18 +556,30 @@ fn source_miss(s: &SourceMatch, a: &Attributes<'_>) -> Option<&'static str> {
     let principal = a.source_principal.map(SpiffeId::principal);
     let namespace = a.source_principal.and_then(|id| id.k8s()).map(|k| k.namespace);
     let in_net = |n: &IpNet| n.contains(&a.source_ip);
-    let checks = [
-        ("principals", field(&s.principals, |p| p.matches(principal))),
-        ("notPrincipals", not_field(&s.not_principals, |p| p.matches(principal))),
-        ("namespaces", field(&s.namespaces, |p| p.matches(namespace))),
-        ("notNamespaces", not_field(&s.not_namespaces, |p| p.matches(namespace))),
-        ("ipBlocks", field(&s.ip_blocks, in_net)),
-        ("notIpBlocks", not_field(&s.not_ip_blocks, in_net)),
-        ("remoteIpBlocks", field(&s.remote_ip_blocks, in_net)),
-        ("notRemoteIpBlocks", not_field(&s.not_remote_ip_blocks, in_net)),
-    ];
-    if let Some((name, _)) = checks.iter().find(|(_, ok)| !ok) {
-        return Some(name);
+    // Checked in order, stopping at the first failure (the hot path: no field past it is read).
+    if !field(&s.principals, |p| p.matches(principal)) {
+        return Some("principals");
+    }
+    if !not_field(&s.not_principals, |p| p.matches(principal)) {
+        return Some("notPrincipals");
+    }
+    if !field(&s.namespaces, |p| p.matches(namespace)) {
+        return Some("namespaces");
+    }
+    if !not_field(&s.not_namespaces, |p| p.matches(namespace)) {
+        return Some("notNamespaces");
+    }
+    if !field(&s.ip_blocks, in_net) {
+        return Some("ipBlocks");
+    }
+    if !not_field(&s.not_ip_blocks, in_net) {
+        return Some("notIpBlocks");
+    }
+    if !field(&s.remote_ip_blocks, in_net) {
+        return Some("remoteIpBlocks");
+    }
+    if !not_field(&s.not_remote_ip_blocks, in_net) {
+        return Some("notRemoteIpBlocks");
     }
     let http = a.http?;
     let rp = http.request_principal.as_deref();
@@ -590,15 +602,22 @@ fn operation_miss(o: &OperationMatch, a: &Attributes<'_>) -> Option<&'static str
     let host = http.host.as_str();
     let method = Some(http.method.as_str());
     let path = Some(http.path.as_str());
-    let checks = [
-        ("hosts", field(&o.hosts, |p| p.matches_authority(host))),
-        ("notHosts", not_field(&o.not_hosts, |p| p.matches_authority(host))),
-        ("methods", field(&o.methods, |p| p.matches(method))),
-        ("notMethods", not_field(&o.not_methods, |p| p.matches(method))),
-        ("paths", field(&o.paths, |p| p.matches(path))),
-        ("notPaths", not_field(&o.not_paths, |p| p.matches(path))),
-    ];
-    checks.iter().find(|(_, ok)| !ok).map(|(name, _)| *name)
+    if !field(&o.hosts, |p| p.matches_authority(host)) {
+        return Some("hosts");
+    }
+    if !not_field(&o.not_hosts, |p| p.matches_authority(host)) {
+        return Some("notHosts");
+    }
+    if !field(&o.methods, |p| p.matches(method)) {
+        return Some("methods");
+    }
+    if !not_field(&o.not_methods, |p| p.matches(method)) {
+        return Some("notMethods");
+    }
+    if !field(&o.paths, |p| p.matches(path)) {
+        return Some("paths");
+    }
+    (!not_field(&o.not_paths, |p| p.matches(path))).then_some("notPaths")
 }
 
 fn condition_matches(c: &Condition, a: &Attributes<'_>) -> bool {

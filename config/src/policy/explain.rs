@@ -115,14 +115,18 @@ fn order(all: &[AuthzPolicy]) -> Vec<&AuthzPolicy> {
 }
 
 fn not_evaluated(p: &AuthzPolicy, why: &str) -> PolicyTrace {
+    policy_trace(p, format!("not evaluated: {why}"), Vec::new())
+}
+
+fn policy_trace(p: &AuthzPolicy, outcome: String, rules: Vec<RuleTrace>) -> PolicyTrace {
     PolicyTrace {
         namespace: p.namespace.clone(),
         name: p.name.clone(),
         action: p.action,
         dry_run: p.dry_run,
         origin: p.origin.clone(),
-        outcome: format!("not evaluated: {why}"),
-        rules: Vec::new(),
+        outcome,
+        rules,
     }
 }
 
@@ -148,15 +152,7 @@ fn trace(p: &AuthzPolicy, attrs: &Attributes<'_>) -> PolicyTrace {
         (_, Some(i), _) => format!("rule {i} matched"),
         (_, None, _) => "no rule matched".to_owned(),
     };
-    PolicyTrace {
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
-        action: p.action,
-        dry_run: p.dry_run,
-        origin: p.origin.clone(),
-        outcome,
-        rules,
-    }
+    policy_trace(p, outcome, rules)
 }
 
 fn describe(m: Miss, rule: &Rule) -> String {
