@@ -14,11 +14,20 @@ pub struct ProxyArgs {
     /// The sidecar configuration file (see deploy/examples/sidecar.yaml).
     #[arg(long, short)]
     config: PathBuf,
+    /// Threads that carry traffic. 1 runs the whole sidecar on one thread: no work stealing or
+    /// cross-thread wake-ups, the least memory. More spread a busy sidecar over cores.
+    #[arg(long, env = "KEYCARD_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: u16,
 }
 
 pub fn run(a: ProxyArgs, log_control: keycard_proxy::admin::LogControl) -> anyhow::Result<ExitCode> {
     let cfg = SidecarConfig::load(&a.config)?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    let runtime = if a.workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(a.workers.into()).enable_all().build()
+    }
+    .context("cannot start the runtime")?;
     runtime.block_on(async {
         let mut sidecar = Sidecar::bind(cfg, prometheus::Registry::new()).await?;
         sidecar.set_log_control(log_control);
