@@ -10,6 +10,10 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let log_control = cli::init_logging(&args.log);

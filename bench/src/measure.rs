@@ -32,10 +32,10 @@ pub struct Settings {
     #[arg(long, default_value_t = 16)]
     pub conns: usize,
     /// Seconds of each paced run.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 6.0)]
     pub paced_s: f64,
     /// Seconds of the saturation and new-connection runs.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 3.0)]
     pub closed_s: f64,
     /// Bytes fetched over one connection in the bulk run.
     #[arg(long, default_value_t = 256 * 1024 * 1024)]
