@@ -52,10 +52,15 @@ pub struct Settings {
     /// A smoke run: 1 repeat, 2 s phases, 16 MB bulk, 500 idle connections.
     #[arg(long)]
     pub quick: bool,
+    /// Exit non-zero when any system failed to start or any phase had errors (for CI's smoke run).
+    #[serde(default)]
+    #[arg(long)]
+    pub strict: bool,
     /// The command line as the user typed it (filled in by the harness, for the report).
     #[arg(skip)]
     pub command: String,
     /// Why fewer idle connections were held than asked for, if so.
+    #[serde(default)]
     #[arg(skip)]
     pub idle_note: Option<String>,
 }
@@ -86,6 +91,9 @@ pub struct Paced {
     pub cpu_s_per_1k: Option<f64>,
     /// Peak RSS of each sidecar (KiB) after this phase: since start, so it covers start-up too.
     pub peak_rss_kib: Vec<u64>,
+    /// Anonymous RSS of each sidecar (KiB) at the end of this phase.
+    #[serde(default)]
+    pub anon_rss_kib: Vec<u64>,
 }
 
 pub const PERCENTILES: [f64; 6] = [50.0, 90.0, 99.0, 99.9, 99.99, 100.0];
@@ -178,6 +186,11 @@ pub fn run(mut s: Settings) -> anyhow::Result<()> {
         s.out.display(),
         started.elapsed().as_secs_f64()
     );
+    let errors: usize = results.systems.iter().flat_map(|(_, v)| v).map(|x| x.errors.len()).sum();
+    anyhow::ensure!(
+        !s.strict || errors == 0,
+        "{errors} errors during the run (listed at the end of RESULTS.md)"
+    );
     Ok(())
 }
 
@@ -234,6 +247,7 @@ fn load_phases(r: &Running, s: &Settings, sample: &mut Sample) {
                     cpu_s_per_1k: (!r.sidecars.is_empty() && run.completed > 0)
                         .then(|| (cpu(&after) - cpu(&before)) / run.completed as f64 * 1000.0),
                     peak_rss_kib: after.iter().map(|u| u.hwm_kib).collect(),
+                    anon_rss_kib: after.iter().map(|u| u.anon_kib).collect(),
                 });
                 if run.errors > 0 {
                     sample.errors.push(format!("{rate} rps: {} requests failed", run.errors));

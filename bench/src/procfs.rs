@@ -14,6 +14,9 @@ pub struct Usage {
     /// Peak resident set (`VmHWM`), KiB. For a tree, the sum of each process's peak: an upper
     /// bound on the tree's peak.
     pub hwm_kib: u64,
+    /// Anonymous resident memory now (`RssAnon`), KiB: the sidecar's own memory, without the
+    /// binary's and libraries' file pages that every process of the same image shares.
+    pub anon_kib: u64,
 }
 
 /// `pid` and every live descendant.
@@ -50,6 +53,7 @@ pub fn usage(pid: u32) -> Usage {
         if let Ok(status) = fs::read_to_string(format!("/proc/{p}/status")) {
             u.rss_kib += status_kib(&status, "VmRSS:");
             u.hwm_kib += status_kib(&status, "VmHWM:");
+            u.anon_kib += status_kib(&status, "RssAnon:");
         }
     }
     u

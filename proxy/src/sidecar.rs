@@ -237,7 +237,9 @@ pub async fn accept_loop<F, Fut>(
             },
         };
         let Some(permit) = shared.admit() else { continue };
-        let work = handle(tcp, peer);
+        // Boxed: an `async move` block that awaits a captured future holds it twice (the capture
+        // and the awaiting state), which doubled every connection's task.
+        let work = Box::pin(handle(tcp, peer));
         shared.tracker.spawn(async move {
             let _permit = permit;
             work.await;
