@@ -292,6 +292,8 @@ struct Target {
     what: String,
     system: Kind,
     value: Option<f64>,
+    /// How the value is written: decimals and unit.
+    shown: (usize, &'static str),
     reference: String,
     met: Option<bool>,
 }
@@ -308,6 +310,7 @@ fn targets(m: &mut String, all: &[Summary]) {
                 what: format!("{p} added per hop at the first rate ≤ 1.25 × floor's"),
                 system: k,
                 value: v,
+                shown: (1, "µs"),
                 reference: format!("floor {} µs → limit {} µs", f(fl, 1), f(fl.map(|f| f * 1.25), 1)),
                 met: v.zip(fl).map(|(v, fl)| v <= fl * 1.25),
             });
@@ -316,6 +319,7 @@ fn targets(m: &mut String, all: &[Summary]) {
                 what: format!("{p} added per hop below every mTLS peer's"),
                 system: k,
                 value: v,
+                shown: (1, "µs"),
                 reference: worst
                     .map_or("–".into(), |(pk, pv)| format!("best peer {} {pv:.1} µs", pk.name())),
                 met: v.zip(worst).map(|(v, w)| v < w.1),
@@ -327,6 +331,7 @@ fn targets(m: &mut String, all: &[Summary]) {
             what: "CPU per 1k requests at the first rate < ½ × the best peer's".into(),
             system: k,
             value: cpu,
+            shown: (3, "s"),
             reference: best.map_or("–".into(), |(pk, pv)| {
                 format!("best peer {} {pv:.3} s → limit {:.3} s", pk.name(), pv / 2.0)
             }),
@@ -337,6 +342,7 @@ fn targets(m: &mut String, all: &[Summary]) {
             what: "peak RSS per sidecar < 10 MiB".into(),
             system: k,
             value: rss,
+            shown: (1, "MiB"),
             reference: format!(
                 "10 MiB (of which anonymous: {} MiB)",
                 f(x.anon_rss_kib.map(|v| v / 1024.0), 1)
@@ -348,21 +354,24 @@ fn targets(m: &mut String, all: &[Summary]) {
             what: "memory per idle connection < 2 KiB".into(),
             system: k,
             value: idle,
+            shown: (2, "KiB"),
             reference: "2 KiB".into(),
             met: idle.map(|i| i < 2.0),
         });
-        for (what, get) in [
+        for (what, unit, get) in [
             (
                 "max rps above every mTLS peer's",
+                "rps",
                 (|s: &Summary| s.saturation_rps) as fn(&Summary) -> Option<f64>,
             ),
-            ("bulk MB/s above every mTLS peer's", |s: &Summary| s.bulk_mb_s),
+            ("bulk MB/s above every mTLS peer's", "MB/s", |s: &Summary| s.bulk_mb_s),
         ] {
             let best = best_peer(all, &get, Better::Higher);
             t.push(Target {
                 what: what.into(),
                 system: k,
                 value: get(x),
+                shown: (0, unit),
                 reference: best.map_or("–".into(), |(pk, pv)| format!("best peer {} {pv:.0}", pk.name())),
                 met: get(x).zip(best).map(|(v, b)| v > b.1),
             });
@@ -374,6 +383,7 @@ fn targets(m: &mut String, all: &[Summary]) {
                 what: "handshakes per second (new connections, one handshake each) above HAProxy's".into(),
                 system: k,
                 value: newc,
+                shown: (0, "/s"),
                 reference: format!("haproxy-tcp {}", f(hap, 0)),
                 met: newc.zip(hap).map(|(v, h)| v > h),
             });
@@ -386,6 +396,7 @@ fn targets(m: &mut String, all: &[Summary]) {
                 what: "new client connections per second (pooled between sidecars) above every peer's".into(),
                 system: k,
                 value: newc,
+                shown: (0, "/s"),
                 reference: best.map_or("–".into(), |(pk, pv)| format!("best peer {} {pv:.0}", pk.name())),
                 met: newc.zip(best).map(|(v, b)| v > b.1),
             });
@@ -399,8 +410,9 @@ fn targets(m: &mut String, all: &[Summary]) {
             Some(false) => "**not met**",
             None => "not measured",
         };
-        let _ =
-            writeln!(m, "| {} | {} | {} | {} | {met} |", x.what, x.system.name(), f(x.value, 3), x.reference);
+        let (digits, unit) = x.shown;
+        let value = x.value.map_or("–".into(), |v| format!("{v:.digits$} {unit}"));
+        let _ = writeln!(m, "| {} | {} | {value} | {} | {met} |", x.what, x.system.name(), x.reference);
     }
     m.push('\n');
 }

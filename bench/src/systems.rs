@@ -523,11 +523,16 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// The version line of each program used, for the results.
 pub fn versions(keycard: &Path) -> Vec<(String, String)> {
+    // The first line that names the program (stunnel prints a banner first), else the first line.
     let first_line = |cmd: &mut Command| -> String {
+        let name = cmd.get_program().to_string_lossy().trim_end_matches('4').to_lowercase();
+        let name = name.rsplit('/').next().unwrap_or("").to_owned();
         cmd.output()
             .map(|o| {
-                let text = [o.stdout, o.stderr].concat();
-                String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_owned()
+                let text = String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned();
+                let mut lines = text.lines().map(str::trim);
+                let first = lines.clone().next().unwrap_or("");
+                lines.find(|l| l.to_lowercase().contains(&name)).unwrap_or(first).to_owned()
             })
             .unwrap_or_else(|e| format!("not available: {e}"))
     };
