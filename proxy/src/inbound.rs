@@ -13,6 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
+use crate::buffers::ReadAhead;
 use crate::conns::ConnFacts;
 use crate::detect::{self, Detected};
 use crate::forward;
@@ -140,23 +141,24 @@ async fn handle(
         return;
     };
     let acceptor = TlsAcceptor::from(tls.server.clone());
-    let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let (reason, detail) = crate::sidecar::classify_tls_error(&e);
-            shared.handshake_failed(Direction::Inbound, peer, reason, &detail);
-            return;
-        }
-        Err(_) => {
-            shared.handshake_failed(
-                Direction::Inbound,
-                peer,
-                "timeout",
-                "the TLS handshake did not finish in time",
-            );
-            return;
-        }
-    };
+    let stream =
+        match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(ReadAhead::new(tcp))).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let (reason, detail) = crate::sidecar::classify_tls_error(&e);
+                shared.handshake_failed(Direction::Inbound, peer, reason, &detail);
+                return;
+            }
+            Err(_) => {
+                shared.handshake_failed(
+                    Direction::Inbound,
+                    peer,
+                    "timeout",
+                    "the TLS handshake did not finish in time",
+                );
+                return;
+            }
+        };
     let (_, conn) = stream.get_ref();
     let principal = peer_identity(conn.peer_certificates());
     shared.observed.connection(port.port, principal.as_ref(), peer.ip());

@@ -3,7 +3,8 @@
 //! - [`identity`]: key and CSR made here, the CA client, the certificate manager (renewal).
 //! - [`tls`]: TLS configs built once per certificate ([`tls::MeshTls`]).
 //! - [`detect`]: TLS vs plaintext by peeking the ClientHello (SNI, ALPN).
-//! - [`inbound`], [`outbound`]: the two directions; [`forward`]: bytes both ways.
+//! - [`inbound`], [`outbound`]: the two directions; [`forward`]: bytes both ways; [`buffers`]:
+//!   the buffers they lend, and the read-ahead under every TLS stream.
 //! - [`http`]: L7 for HTTP/1.1, HTTP/2 and gRPC ports (per-request policy, JWT, pooled mTLS).
 //! - [`sidecar`]: assembly, policy reload, drain; [`conns`]: live connections for re-evaluation.
 //! - [`capture`]: the transparent-interception listeners (original destination).
@@ -14,6 +15,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod buffers;
 pub mod capture;
 pub mod conns;
 pub mod detect;

@@ -17,6 +17,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
+use crate::buffers::ReadAhead;
 use crate::forward;
 use crate::http::sniff::Sniffed;
 use crate::sidecar::{Direction, Shared};
@@ -242,8 +243,8 @@ async fn handshake(
     route: &Route,
     config: Arc<ClientConfig>,
     tcp: TcpStream,
-) -> Result<(TlsStream<TcpStream>, Option<SpiffeId>), DialError> {
-    let connect = TlsConnector::from(config).connect(server_name(route, remote), tcp);
+) -> Result<(TlsStream<ReadAhead<TcpStream>>, Option<SpiffeId>), DialError> {
+    let connect = TlsConnector::from(config).connect(server_name(route, remote), ReadAhead::new(tcp));
     match tokio::time::timeout(shared.limits.handshake_timeout, connect).await {
         Ok(Ok(s)) => {
             let peer = peer_identity(s.get_ref().1.peer_certificates());
@@ -269,7 +270,7 @@ pub async fn dial(
     remote: SocketAddr,
     route: &Route,
     cache: &ConfigCache,
-) -> Result<(TlsStream<TcpStream>, Option<SpiffeId>), DialError> {
+) -> Result<(TlsStream<ReadAhead<TcpStream>>, Option<SpiffeId>), DialError> {
     let config = mesh_config(shared, route, cache)?;
     let tcp = connect(shared, remote).await?;
     handshake(shared, remote, route, config, tcp).await
