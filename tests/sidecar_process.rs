@@ -1,5 +1,5 @@
-//! `keycard proxy` as a process: JSON access log lines, SIGHUP reload, and drain on SIGTERM
-//! (live connections finish, new ones are refused, the process exits).
+//! `keycard proxy` as a process: JSON access log lines, the text log without colour codes off a terminal,
+//! SIGHUP reload, and drain on SIGTERM (live connections finish, new ones are refused, the process exits).
 
 mod common;
 
@@ -175,4 +175,43 @@ async fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> (
     let text = String::from_utf8_lossy(&buf).into_owned();
     let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// The text log format (the default) writes no colour codes where stderr is not a terminal: a
+/// file, a pipe, a container's log.
+#[tokio::test]
+async fn the_text_log_has_no_colour_codes_off_a_terminal() {
+    let ca = TempCa::new("cluster.local");
+    let certs = ca.issue("default", "details", &[]);
+    let app = echo().await;
+    let [inbound, admin, metrics, ready] = free_ports(4)[..] else { unreachable!() };
+    let cfg = format!(
+        "workload: {{trust_domain: cluster.local, namespace: default, service_account: details}}
+identity:
+  files: {{cert: {c}, key: {k}, bundle: {b}}}
+inbound:
+  - {{port: 9080, listen: 127.0.0.1:{inbound}, app: {app}}}
+admin: 127.0.0.1:{admin}
+metrics: 127.0.0.1:{metrics}
+readiness: 127.0.0.1:{ready}
+",
+        c = path(&certs.join("cert.pem")),
+        k = path(&certs.join("key.pem")),
+        b = path(&ca.bundle()),
+    );
+    let cfg_path = ca.tmp.path().join("sidecar.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let mut child = keycard()
+        .args(["proxy", "--config", path(&cfg_path)])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let proc = Proc(child);
+    wait_ready(format!("127.0.0.1:{ready}").parse().unwrap()).await;
+    signal(&proc.0, "-TERM");
+    let text: Vec<String> = BufReader::new(stderr).lines().map_while(Result::ok).collect();
+    assert!(text.iter().any(|l| l.contains("INFO")), "no INFO line in the text log: {text:?}");
+    assert!(!text.iter().any(|l| l.contains('\u{1b}')), "colour codes in a piped log: {text:?}");
 }

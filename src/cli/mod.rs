@@ -118,7 +118,12 @@ pub fn init_logging(args: &LogArgs) -> keycard_proxy::admin::LogControl {
         LogFormat::Json => {
             registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).init()
         }
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).init(),
+        // Colours only for a terminal: not into a file, a pipe or a container's log.
+        LogFormat::Text => {
+            use std::io::IsTerminal as _;
+            let ansi = std::io::stderr().is_terminal();
+            registry.with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).init()
+        }
     }
     std::sync::Arc::new(move |set: Option<&str>| {
         if let Some(spec) = set {
