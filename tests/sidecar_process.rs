@@ -1,5 +1,6 @@
-//! `keycard proxy` as a process: JSON access log lines, the text log without colour codes off a terminal,
-//! SIGHUP reload, and drain on SIGTERM (live connections finish, new ones are refused, the process exits).
+//! `keycard proxy` as a process: JSON access log lines, the text log without colour codes off a
+//! terminal, SIGHUP reload, and drain on SIGTERM (live connections finish, new ones are refused,
+//! the process exits).
 
 mod common;
 
