@@ -22,6 +22,20 @@ impl Drop for Proc {
     }
 }
 
+/// The `workload` and `identity` lines of a sidecar config for `default/details`, with a
+/// certificate issued by `ca`.
+fn details_identity(ca: &TempCa) -> String {
+    let certs = ca.issue("default", "details", &[]);
+    format!(
+        "workload: {{trust_domain: cluster.local, namespace: default, service_account: details}}
+identity:
+  files: {{cert: {}, key: {}, bundle: {}}}",
+        path(&certs.join("cert.pem")),
+        path(&certs.join("key.pem")),
+        path(&ca.bundle()),
+    )
+}
+
 fn signal(child: &Child, sig: &str) {
     assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
 }
@@ -29,7 +43,6 @@ fn signal(child: &Child, sig: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_process_logs_access_as_json_reloads_on_sighup_and_drains_on_sigterm() {
     let ca = TempCa::new("cluster.local");
-    let certs = ca.issue("default", "details", &[]);
     let app = echo().await;
     let web = common::l7::inspect_app().await;
     let dir = ca.tmp.path();
@@ -38,9 +51,7 @@ async fn the_process_logs_access_as_json_reloads_on_sighup_and_drains_on_sigterm
     std::fs::write(policies.join("pa.yaml"), "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: PERMISSIVE}}\n").unwrap();
     let [inbound, admin, metrics, ready, http_port] = free_ports(5)[..] else { unreachable!() };
     let cfg = format!(
-        "workload: {{trust_domain: cluster.local, namespace: default, service_account: details}}
-identity:
-  files: {{cert: {c}, key: {k}, bundle: {b}}}
+        "{identity}
 inbound:
   - {{port: 9080, listen: 127.0.0.1:{inbound}, app: {app}}}
   - {{port: 9081, name: http-web, listen: 127.0.0.1:{http_port}, app: {web}}}
@@ -50,9 +61,7 @@ metrics: 127.0.0.1:{metrics}
 readiness: 127.0.0.1:{ready}
 limits: {{drain_timeout: 3s, watch_interval: 1h}}
 ",
-        c = path(&certs.join("cert.pem")),
-        k = path(&certs.join("key.pem")),
-        b = path(&ca.bundle()),
+        identity = details_identity(&ca),
     );
     let cfg_path = dir.join("sidecar.yaml");
     std::fs::write(&cfg_path, cfg).unwrap();
@@ -183,22 +192,17 @@ async fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> (
 #[tokio::test]
 async fn the_text_log_has_no_colour_codes_off_a_terminal() {
     let ca = TempCa::new("cluster.local");
-    let certs = ca.issue("default", "details", &[]);
     let app = echo().await;
     let [inbound, admin, metrics, ready] = free_ports(4)[..] else { unreachable!() };
     let cfg = format!(
-        "workload: {{trust_domain: cluster.local, namespace: default, service_account: details}}
-identity:
-  files: {{cert: {c}, key: {k}, bundle: {b}}}
+        "{identity}
 inbound:
   - {{port: 9080, listen: 127.0.0.1:{inbound}, app: {app}}}
 admin: 127.0.0.1:{admin}
 metrics: 127.0.0.1:{metrics}
 readiness: 127.0.0.1:{ready}
 ",
-        c = path(&certs.join("cert.pem")),
-        k = path(&certs.join("key.pem")),
-        b = path(&ca.bundle()),
+        identity = details_identity(&ca),
     );
     let cfg_path = ca.tmp.path().join("sidecar.yaml");
     std::fs::write(&cfg_path, cfg).unwrap();

@@ -26,15 +26,21 @@ pub const LARGE: usize = 64 * 1024;
 const SPARES_SMALL: usize = 16;
 const SPARES_LARGE: usize = 8;
 
+/// One thread's spare buffers, by size.
+struct Spares {
+    small: Vec<Box<[u8]>>,
+    large: Vec<Box<[u8]>>,
+}
+
 thread_local! {
-    static SPARES: RefCell<(Vec<Box<[u8]>>, Vec<Box<[u8]>>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SPARES: RefCell<Spares> = const { RefCell::new(Spares { small: Vec::new(), large: Vec::new() }) };
 }
 
 /// A buffer of `LARGE` bytes if `large`, else `SMALL`.
 pub fn take(large: bool) -> Box<[u8]> {
     let spare = SPARES.with(|s| {
         let mut s = s.borrow_mut();
-        if large { s.1.pop() } else { s.0.pop() }
+        if large { s.large.pop() } else { s.small.pop() }
     });
     spare.unwrap_or_else(|| vec![0u8; if large { LARGE } else { SMALL }].into_boxed_slice())
 }
@@ -43,7 +49,7 @@ pub fn give_back(buf: Box<[u8]>) {
     SPARES.with(|s| {
         let mut s = s.borrow_mut();
         let (list, keep) =
-            if buf.len() == LARGE { (&mut s.1, SPARES_LARGE) } else { (&mut s.0, SPARES_SMALL) };
+            if buf.len() == LARGE { (&mut s.large, SPARES_LARGE) } else { (&mut s.small, SPARES_SMALL) };
         if list.len() < keep {
             list.push(buf);
         }
@@ -72,10 +78,10 @@ impl<T> ReadAhead<T> {
             let n = (*end - *start).min(out.remaining());
             out.put_slice(&buf[*start..*start + n]);
             *start += n;
-            if start == end {
-                if let Some((buf, _, _)) = self.ahead.take() {
-                    give_back(buf);
-                }
+            if start == end
+                && let Some((buf, _, _)) = self.ahead.take()
+            {
+                give_back(buf);
             }
         }
     }
