@@ -141,8 +141,12 @@ async fn handle(
         return;
     };
     let acceptor = TlsAcceptor::from(tls.server.clone());
-    let stream =
-        match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(ReadAhead::new(tcp))).await {
+    // The stream goes to the heap once, here, as a temporary: every later state (sniffing, HTTP,
+    // forwarding) holds a pointer to it. Held by value, each nested future kept a slot of the
+    // stream's size, and an idle connection's task carried several (ARCHITECTURE.md).
+    let deadline = limits.handshake_timeout;
+    let mut stream = Box::new(Rewind::new(
+        match tokio::time::timeout(deadline, acceptor.accept(ReadAhead::new(tcp))).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let (reason, detail) = crate::sidecar::classify_tls_error(&e);
@@ -150,16 +154,13 @@ async fn handle(
                 return;
             }
             Err(_) => {
-                shared.handshake_failed(
-                    Direction::Inbound,
-                    peer,
-                    "timeout",
-                    "the TLS handshake did not finish in time",
-                );
+                let detail = "the TLS handshake did not finish in time";
+                shared.handshake_failed(Direction::Inbound, peer, "timeout", detail);
                 return;
             }
-        };
-    let (_, conn) = stream.get_ref();
+        },
+    ));
+    let (_, conn) = stream.get_ref().get_ref();
     let principal = peer_identity(conn.peer_certificates());
     shared.observed.connection(port.port, principal.as_ref(), peer.ip());
     let sni = conn.server_name().map(str::to_owned);
@@ -169,7 +170,6 @@ async fn handle(
         let leaf = conn.peer_certificates()?.first()?;
         Some(xfcc_element(&shared.id, leaf.as_ref(), p))
     });
-    let mut stream = Rewind::new(stream);
     if let Some(http) = http {
         let is_http = match port.protocol() {
             Protocol::Auto if !mesh_http => {
