@@ -7,7 +7,8 @@
 //! [`ReadAhead`] sits under a TLS stream: rustls reads the socket at most 4 KiB at a time, so a
 //! 16 KiB record took four or five `read(2)` calls. `ReadAhead` reads up to 64 KiB in one call and
 //! serves rustls' small reads from memory; its buffer goes back to the spare list as soon as it is
-//! drained.
+//! drained. (tokio's `BufReader` would do the reading, but it keeps its buffer for the connection's
+//! whole life: 64 KiB per idle connection.)
 
 use std::cell::RefCell;
 use std::io::IoSlice;
@@ -17,9 +18,9 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The first buffer a flow gets.
-pub const SMALL: usize = 16 * 1024;
+const SMALL: usize = 16 * 1024;
 /// The buffer of a flow that filled its small one, and of a read ahead: four full TLS records.
-pub const LARGE: usize = 64 * 1024;
+const LARGE: usize = 64 * 1024;
 
 /// Spare buffers kept per thread and size: enough for the chunks one thread has in flight at once
 /// in the common case; beyond that a buffer is allocated and freed.
@@ -66,10 +67,6 @@ pub struct ReadAhead<T> {
 impl<T> ReadAhead<T> {
     pub fn new(io: T) -> Self {
         Self { io, ahead: None }
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.io
     }
 
     /// Copies what is buffered into `out`; returns the buffer once drained.
