@@ -8,7 +8,7 @@
 //! - [`http`]: L7 for HTTP/1.1, HTTP/2 and gRPC ports (per-request policy, JWT, pooled mTLS).
 //! - [`sidecar`]: assembly, policy reload, drain; [`conns`]: live connections for re-evaluation.
 //! - [`capture`]: the transparent-interception listeners (original destination).
-//! - [`metrics`], [`access`], [`admin`]: what it reports; [`observe`]: what arrived, for
+//! - [`metrics`], [`access`], [`logging`], [`admin`]: what it reports; [`observe`]: what arrived, for
 //!   `keycard status` and `policy suggest`.
 
 #![forbid(unsafe_code)]
@@ -23,6 +23,7 @@ pub mod forward;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;

@@ -448,7 +448,40 @@ impl Sidecar {
 
     /// Serves until `shutdown` completes, then drains: stops accepting, lets live connections
     /// finish for up to `limits.drain_timeout`, closes the rest.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        self.serve(Box::pin(shutdown)).await
+    }
+
+    /// The `keycard proxy` process on `runtime`: binds the sidecar from `cfg`, reloads policy on
+    /// SIGHUP, serves until `shutdown` completes. Not generic, so the runtime's scheduler loop and
+    /// every task are compiled in this crate (see `serve`).
+    pub fn run_process(
+        runtime: &tokio::runtime::Runtime,
+        cfg: SidecarConfig,
+        log_control: crate::admin::LogControl,
+        shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Result<(), SidecarError> {
+        runtime.block_on(async move {
+            let mut sidecar = Sidecar::bind(cfg, Registry::new()).await?;
+            sidecar.set_log_control(log_control);
+            info!(addrs = ?sidecar.addrs(), "keycard sidecar listening");
+            let reload = sidecar.reload_trigger();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+                while hup.recv().await.is_some() {
+                    info!("SIGHUP: reloading policy");
+                    reload.notify_one();
+                }
+            });
+            sidecar.serve(shutdown).await;
+            Ok(())
+        })
+    }
+
+    /// `run`'s body, not generic: the sidecar's tasks are compiled in this crate, at its
+    /// optimization level, whatever crate starts it (the `keycard` binary crate is built for size).
+    async fn serve(self, shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) {
         let stop = CancellationToken::new();
         let shared = self.shared.clone();
         let certs = tokio::spawn(self.cert_manager.run());

@@ -108,30 +108,8 @@ pub fn run(cli: Cli, log_control: keycard_proxy::admin::LogControl) -> anyhow::R
 
 /// Sets up logging on stderr and returns the control `/logging` uses to change the filter.
 pub fn init_logging(args: &LogArgs) -> keycard_proxy::admin::LogControl {
-    use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{EnvFilter, fmt, reload};
     let filter = std::env::var("KEYCARD_LOG").unwrap_or_else(|_| args.log_level.clone());
-    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = reload::Layer::new(filter);
-    let registry = tracing_subscriber::registry().with(filter);
-    match args.log_format {
-        LogFormat::Json => {
-            registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).init()
-        }
-        // Colours only for a terminal: not into a file, a pipe or a container's log.
-        LogFormat::Text => {
-            use std::io::IsTerminal as _;
-            let ansi = std::io::stderr().is_terminal();
-            registry.with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).init()
-        }
-    }
-    std::sync::Arc::new(move |set: Option<&str>| {
-        if let Some(spec) = set {
-            let f = EnvFilter::try_new(spec).map_err(|e| format!("bad filter {spec:?}: {e}"))?;
-            handle.reload(f).map_err(|e| e.to_string())?;
-        }
-        handle.with_current(|f| f.to_string()).map_err(|e| e.to_string())
-    })
+    keycard_proxy::logging::init(&filter, matches!(args.log_format, LogFormat::Json))
 }
 
 /// Parses `24h`, `90m`, `10y` (humantime syntax) into a `time::Duration`.

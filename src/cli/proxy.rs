@@ -28,21 +28,6 @@ pub fn run(a: ProxyArgs, log_control: keycard_proxy::admin::LogControl) -> anyho
         tokio::runtime::Builder::new_multi_thread().worker_threads(a.workers.into()).enable_all().build()
     }
     .context("cannot start the runtime")?;
-    runtime.block_on(async {
-        let mut sidecar = Sidecar::bind(cfg, prometheus::Registry::new()).await?;
-        sidecar.set_log_control(log_control);
-        let addrs = sidecar.addrs().clone();
-        tracing::info!(?addrs, "keycard sidecar listening");
-        let reload = sidecar.reload_trigger();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading policy");
-                reload.notify_one();
-            }
-        });
-        sidecar.run(super::ca::shutdown_signal()).await;
-        Ok(ExitCode::SUCCESS)
-    })
+    Sidecar::run_process(&runtime, cfg, log_control, Box::pin(super::ca::shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
 }
