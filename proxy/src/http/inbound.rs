@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::{self, Body, Counted};
 use super::headers::{self, DENIED_BY, DOWNSTREAM_PROTOCOL};
-use super::{AppConnector, Exchange, Verdict, bridge, local, respond, smuggling_counter};
+use super::{AppConnector, ConnMetrics, Exchange, Verdict, bridge, local, respond, smuggling_counter};
 use crate::conns::ConnFacts;
 use crate::sidecar::{Direction, Shared};
 
@@ -80,9 +80,10 @@ impl InboundHttp {
         };
         let _registration = shared.live.register(facts, kill.clone());
         let (this, peer) = (self.clone(), Arc::new(peer));
+        let metrics = Arc::new(ConnMetrics::default());
         let svc = service_fn(move |req| {
-            let (this, peer) = (this.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(this.request(req, &peer).await) }
+            let (this, peer, metrics) = (this.clone(), peer.clone(), metrics.clone());
+            async move { Ok::<_, Infallible>(this.request(req, &peer, &metrics).await) }
         });
         let (idle, stopping) = (shared.limits.idle_timeout, shared.stopping.clone());
         super::server::serve(
@@ -98,7 +99,12 @@ impl InboundHttp {
         .await;
     }
 
-    async fn request(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    async fn request(
+        &self,
+        mut req: Request<Incoming>,
+        peer: &Peer,
+        metrics: &Arc<ConnMetrics>,
+    ) -> Response<Body> {
         let shared = &self.shared;
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -109,7 +115,7 @@ impl InboundHttp {
             dst_identity: Some(shared.id.clone()),
             port: self.port.port,
             mtls: peer.identity.is_some(),
-            ..Exchange::start(Direction::Inbound, peer.addr, self.port.app, &parts, &authority)
+            ..Exchange::start(Direction::Inbound, peer.addr, self.port.app, &parts, &authority, metrics)
         };
         // Only a mutual-TLS peer (a sidecar) may say what protocol its app used.
         let sent_as = parts.headers.remove(DOWNSTREAM_PROTOCOL).filter(|_| peer.identity.is_some());

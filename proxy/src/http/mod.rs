@@ -16,8 +16,8 @@ pub mod sniff;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,6 +50,8 @@ pub struct Exchange {
     pub protocol: &'static str,
     pub started: Instant,
     pub request_bytes: Arc<AtomicU64>,
+    /// The request metrics of the connection the request came on.
+    pub metrics: Arc<ConnMetrics>,
 }
 
 /// What decided a response, for the metric flags and the access event.
@@ -73,6 +75,7 @@ impl Exchange {
         dst_addr: SocketAddr,
         parts: &http::request::Parts,
         authority: &str,
+        metrics: &Arc<ConnMetrics>,
     ) -> Self {
         Self {
             direction,
@@ -90,30 +93,13 @@ impl Exchange {
             protocol: headers::request_protocol(&parts.headers),
             started: Instant::now(),
             request_bytes: Default::default(),
+            metrics: metrics.clone(),
         }
     }
 
     fn finish(&self, shared: &Shared, status: u16, verdict: Verdict, outcome: &Outcome) {
         let flags = if outcome.complete || verdict.flags != "-" { verdict.flags } else { "DC" };
-        let principal = |id: Option<&SpiffeId>| id.map_or_else(|| "unknown".to_owned(), ToString::to_string);
-        let ns = |id: Option<&SpiffeId>| {
-            id.and_then(|i| i.k8s()).map_or_else(|| "unknown".to_owned(), |k| k.namespace.to_owned())
-        };
-        let status_text = status.to_string();
         let grpc = outcome.grpc_status.as_deref().unwrap_or("");
-        let labels = [
-            if self.direction == Direction::Inbound { "destination" } else { "source" },
-            &principal(self.src_identity.as_ref()),
-            &principal(self.dst_identity.as_ref()),
-            &ns(self.src_identity.as_ref()),
-            &ns(self.dst_identity.as_ref()),
-            self.protocol,
-            &status_text,
-            grpc,
-            if self.mtls { "mutual_tls" } else { "none" },
-            flags,
-        ];
-        let m = &shared.metrics;
         let elapsed = self.started.elapsed();
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         if self.direction == Direction::Inbound {
@@ -122,10 +108,22 @@ impl Exchange {
             let src = self.src_identity.as_ref();
             shared.observed.decision(self.port, src, self.src_addr.ip(), request, allowed);
         }
-        m.requests.with_label_values(&labels).inc();
-        m.request_duration.with_label_values(&labels).observe(elapsed.as_secs_f64() * 1000.0);
-        m.request_bytes.with_label_values(&labels).observe(request_bytes as f64);
-        m.response_bytes.with_label_values(&labels).observe(outcome.bytes as f64);
+        let key = LabelKey {
+            direction: self.direction,
+            src: self.src_identity.as_ref(),
+            dst: self.dst_identity.as_ref(),
+            protocol: self.protocol,
+            status,
+            grpc,
+            mtls: self.mtls,
+            flags,
+        };
+        self.metrics.with(&shared.metrics, &key, |c| {
+            c.requests.inc();
+            c.duration.observe(elapsed.as_secs_f64() * 1000.0);
+            c.request_bytes.observe(request_bytes as f64);
+            c.response_bytes.observe(outcome.bytes as f64);
+        });
         tracing::info!(
             target: "keycard::access",
             direction = self.direction.as_str(),
@@ -151,6 +149,113 @@ impl Exchange {
             duration_ms = elapsed.as_millis() as u64,
             "access"
         );
+    }
+}
+
+/// The request metrics' children for the label sets one connection's requests have used, so a
+/// request finds its counters by comparing a few fields instead of hashing ten label strings in
+/// prometheus' map (with its lock) and building four of them. A connection keeps at most
+/// `CONN_LABEL_SETS`; requests with further sets go through the map.
+#[derive(Default)]
+pub struct ConnMetrics(Mutex<Vec<(OwnedLabelKey, Children)>>);
+
+const CONN_LABEL_SETS: usize = 8;
+
+/// Istio's request labels (`metrics::REQUEST_LABELS`) as one request has them.
+struct LabelKey<'a> {
+    direction: Direction,
+    src: Option<&'a SpiffeId>,
+    dst: Option<&'a SpiffeId>,
+    protocol: &'static str,
+    status: u16,
+    grpc: &'a str,
+    mtls: bool,
+    flags: &'static str,
+}
+
+#[derive(PartialEq, Eq)]
+struct OwnedLabelKey {
+    direction: Direction,
+    src: Option<SpiffeId>,
+    dst: Option<SpiffeId>,
+    protocol: &'static str,
+    status: u16,
+    grpc: String,
+    mtls: bool,
+    flags: &'static str,
+}
+
+struct Children {
+    requests: prometheus::IntCounter,
+    duration: prometheus::Histogram,
+    request_bytes: prometheus::Histogram,
+    response_bytes: prometheus::Histogram,
+}
+
+impl LabelKey<'_> {
+    fn is(&self, k: &OwnedLabelKey) -> bool {
+        self.status == k.status
+            && self.flags == k.flags
+            && self.protocol == k.protocol
+            && self.mtls == k.mtls
+            && self.direction == k.direction
+            && self.grpc == k.grpc
+            && self.src == k.src.as_ref()
+            && self.dst == k.dst.as_ref()
+    }
+
+    fn to_owned(&self) -> OwnedLabelKey {
+        OwnedLabelKey {
+            direction: self.direction,
+            src: self.src.cloned(),
+            dst: self.dst.cloned(),
+            protocol: self.protocol,
+            status: self.status,
+            grpc: self.grpc.to_owned(),
+            mtls: self.mtls,
+            flags: self.flags,
+        }
+    }
+
+    fn children(&self, m: &crate::metrics::ProxyMetrics) -> Children {
+        let principal = |id: Option<&SpiffeId>| id.map_or_else(|| "unknown".to_owned(), ToString::to_string);
+        let ns = |id: Option<&SpiffeId>| {
+            id.and_then(|i| i.k8s()).map_or_else(|| "unknown".to_owned(), |k| k.namespace.to_owned())
+        };
+        let status = self.status.to_string();
+        let labels = [
+            if self.direction == Direction::Inbound { "destination" } else { "source" },
+            &principal(self.src),
+            &principal(self.dst),
+            &ns(self.src),
+            &ns(self.dst),
+            self.protocol,
+            &status,
+            self.grpc,
+            if self.mtls { "mutual_tls" } else { "none" },
+            self.flags,
+        ];
+        Children {
+            requests: m.requests.with_label_values(&labels),
+            duration: m.request_duration.with_label_values(&labels),
+            request_bytes: m.request_bytes.with_label_values(&labels),
+            response_bytes: m.response_bytes.with_label_values(&labels),
+        }
+    }
+}
+
+impl ConnMetrics {
+    /// Runs `record` on the children for `key`.
+    fn with(&self, m: &crate::metrics::ProxyMetrics, key: &LabelKey<'_>, record: impl FnOnce(&Children)) {
+        let mut sets = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, c)) = sets.iter().find(|(k, _)| key.is(k)) {
+            return record(c);
+        }
+        let c = key.children(m);
+        record(&c);
+        if sets.len() < CONN_LABEL_SETS {
+            sets.push((key.to_owned(), c));
+        }
     }
 }
 

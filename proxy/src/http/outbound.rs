@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::body::{self, Body, Counted};
 use super::headers::{self, DOWNSTREAM_PROTOCOL, XFCC};
 use super::pool::{ALPN_H1, Pool};
-use super::{Exchange, Verdict, bridge, local, respond, smuggling_counter};
+use super::{ConnMetrics, Exchange, Verdict, bridge, local, respond, smuggling_counter};
 use crate::outbound::{ConfigCache, DialError, Route, dial};
 use crate::sidecar::{Direction, Shared};
 
@@ -43,9 +43,10 @@ impl OutboundHttp {
         let _ = app.set_nodelay(true);
         self.shared.metrics.http_connections.with_label_values(&["outbound"]).inc();
         let this = self.clone();
+        let metrics = Arc::new(ConnMetrics::default());
         let svc = service_fn(move |req| {
-            let this = this.clone();
-            async move { Ok::<_, Infallible>(this.request(req, peer).await) }
+            let (this, metrics) = (this.clone(), metrics.clone());
+            async move { Ok::<_, Infallible>(this.request(req, peer, &metrics).await) }
         });
         let kill = self.shared.drain.child_token();
         let (idle, stopping) = (self.shared.limits.idle_timeout, self.shared.stopping.clone());
@@ -62,7 +63,12 @@ impl OutboundHttp {
         .await;
     }
 
-    async fn request(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn request(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        metrics: &Arc<ConnMetrics>,
+    ) -> Response<Body> {
         let shared = &self.shared;
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -75,7 +81,7 @@ impl OutboundHttp {
         let mut ex = Exchange {
             src_identity: Some(shared.id.clone()),
             mtls: true,
-            ..Exchange::start(Direction::Outbound, peer, self.up.remote, &parts, &authority)
+            ..Exchange::start(Direction::Outbound, peer, self.up.remote, &parts, &authority, metrics)
         };
         ex.request_id = headers::ensure_request_id(&mut parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
