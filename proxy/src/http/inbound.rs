@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::{self, Body, Counted};
 use super::headers::{self, DENIED_BY, DOWNSTREAM_PROTOCOL};
-use super::{AppConnector, ConnMetrics, Exchange, Verdict, bridge, local, respond, smuggling_counter};
+use super::{AppConnector, Exchange, RequestMetrics, Verdict, bridge, local, respond, smuggling_counter};
 use crate::conns::ConnFacts;
 use crate::sidecar::{Direction, Shared};
 
@@ -44,6 +44,8 @@ pub struct InboundHttp {
     builder: auto::Builder<TokioExecutor>,
     app_h1: Client<AppConnector, Body>,
     app_h2: Client<AppConnector, Body>,
+    metrics: Arc<RequestMetrics>,
+    connections: prometheus::IntCounter,
 }
 
 impl InboundHttp {
@@ -59,7 +61,17 @@ impl InboundHttp {
                 .build(connector.clone())
         };
         let builder = super::server::builder(&shared.http);
-        Arc::new(Self { app_h1: client(false), app_h2: client(true), builder, shared, port })
+        let metrics = Arc::default();
+        let connections = shared.metrics.http_connections.with_label_values(&["inbound"]);
+        Arc::new(Self {
+            app_h1: client(false),
+            app_h2: client(true),
+            builder,
+            shared,
+            port,
+            metrics,
+            connections,
+        })
     }
 
     /// Serves one downstream connection (already past mutual TLS and the mode check).
@@ -68,7 +80,7 @@ impl InboundHttp {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = &self.shared;
-        shared.metrics.http_connections.with_label_values(&["inbound"]).inc();
+        self.connections.inc();
         let kill = shared.drain.child_token();
         let facts = ConnFacts {
             source_ip: peer.addr.ip(),
@@ -80,10 +92,9 @@ impl InboundHttp {
         };
         let _registration = shared.live.register(facts, kill.clone());
         let (this, peer) = (self.clone(), Arc::new(peer));
-        let metrics = Arc::new(ConnMetrics::default());
         let svc = service_fn(move |req| {
-            let (this, peer, metrics) = (this.clone(), peer.clone(), metrics.clone());
-            async move { Ok::<_, Infallible>(this.request(req, &peer, &metrics).await) }
+            let (this, peer) = (this.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(this.request(req, &peer).await) }
         });
         let (idle, stopping) = (shared.limits.idle_timeout, shared.stopping.clone());
         super::server::serve(
@@ -99,12 +110,7 @@ impl InboundHttp {
         .await;
     }
 
-    async fn request(
-        &self,
-        mut req: Request<Incoming>,
-        peer: &Peer,
-        metrics: &Arc<ConnMetrics>,
-    ) -> Response<Body> {
+    async fn request(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let shared = &self.shared;
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -115,7 +121,7 @@ impl InboundHttp {
             dst_identity: Some(shared.id.clone()),
             port: self.port.port,
             mtls: peer.identity.is_some(),
-            ..Exchange::start(Direction::Inbound, peer.addr, self.port.app, &parts, &authority, metrics)
+            ..Exchange::start(Direction::Inbound, peer.addr, self.port.app, &parts, &authority, &self.metrics)
         };
         // Only a mutual-TLS peer (a sidecar) may say what protocol its app used.
         let sent_as = parts.headers.remove(DOWNSTREAM_PROTOCOL).filter(|_| peer.identity.is_some());

@@ -50,8 +50,8 @@ pub struct Exchange {
     pub protocol: &'static str,
     pub started: Instant,
     pub request_bytes: Arc<AtomicU64>,
-    /// The request metrics of the connection the request came on.
-    pub metrics: Arc<ConnMetrics>,
+    /// The request metrics of the port or upstream the request came through.
+    pub metrics: Arc<RequestMetrics>,
 }
 
 /// What decided a response, for the metric flags and the access event.
@@ -75,7 +75,7 @@ impl Exchange {
         dst_addr: SocketAddr,
         parts: &http::request::Parts,
         authority: &str,
-        metrics: &Arc<ConnMetrics>,
+        metrics: &Arc<RequestMetrics>,
     ) -> Self {
         Self {
             direction,
@@ -152,14 +152,14 @@ impl Exchange {
     }
 }
 
-/// The request metrics' children for the label sets one connection's requests have used, so a
-/// request finds its counters by comparing a few fields instead of hashing ten label strings in
-/// prometheus' map (with its lock) and building four of them. A connection keeps at most
-/// `CONN_LABEL_SETS`; requests with further sets go through the map.
+/// The request metrics' children for the label sets one port's (or upstream's) requests have
+/// used, so a request finds its counters by comparing a few fields instead of hashing ten label
+/// strings in prometheus' map (with its lock) and building four of them. At most `LABEL_SETS`
+/// are kept (the first seen); requests with further sets go through the map.
 #[derive(Default)]
-pub struct ConnMetrics(Mutex<Vec<(OwnedLabelKey, Children)>>);
+pub struct RequestMetrics(Mutex<Vec<(OwnedLabelKey, Children)>>);
 
-const CONN_LABEL_SETS: usize = 8;
+const LABEL_SETS: usize = 32;
 
 /// Istio's request labels (`metrics::REQUEST_LABELS`) as one request has them.
 struct LabelKey<'a> {
@@ -244,7 +244,7 @@ impl LabelKey<'_> {
     }
 }
 
-impl ConnMetrics {
+impl RequestMetrics {
     /// Runs `record` on the children for `key`.
     fn with(&self, m: &crate::metrics::ProxyMetrics, key: &LabelKey<'_>, record: impl FnOnce(&Children)) {
         let mut sets = self.0.lock().unwrap_or_else(PoisonError::into_inner);
@@ -253,7 +253,7 @@ impl ConnMetrics {
         }
         let c = key.children(m);
         record(&c);
-        if sets.len() < CONN_LABEL_SETS {
+        if sets.len() < LABEL_SETS {
             sets.push((key.to_owned(), c));
         }
     }

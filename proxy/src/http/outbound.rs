@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::body::{self, Body, Counted};
 use super::headers::{self, DOWNSTREAM_PROTOCOL, XFCC};
 use super::pool::{ALPN_H1, Pool};
-use super::{ConnMetrics, Exchange, Verdict, bridge, local, respond, smuggling_counter};
+use super::{Exchange, RequestMetrics, Verdict, bridge, local, respond, smuggling_counter};
 use crate::outbound::{ConfigCache, DialError, Route, dial};
 use crate::sidecar::{Direction, Shared};
 
@@ -28,6 +28,8 @@ pub struct OutboundHttp {
     pool: Pool,
     upgrade_tls: ConfigCache,
     builder: auto::Builder<TokioExecutor>,
+    metrics: Arc<RequestMetrics>,
+    connections: prometheus::IntCounter,
 }
 
 impl OutboundHttp {
@@ -35,18 +37,19 @@ impl OutboundHttp {
         let s = &shared.http;
         let pool = Pool::new(up.remote, s.pool_max_connections, s.pool_streams_per_connection);
         let builder = super::server::builder(s);
-        Arc::new(Self { shared, up, route, pool, upgrade_tls: ConfigCache::new(ALPN_H1), builder })
+        let (metrics, upgrade_tls) = (Arc::default(), ConfigCache::new(ALPN_H1));
+        let connections = shared.metrics.http_connections.with_label_values(&["outbound"]);
+        Arc::new(Self { shared, up, route, pool, upgrade_tls, builder, metrics, connections })
     }
 
     /// Serves one app connection.
     pub async fn serve_conn(self: &Arc<Self>, app: TcpStream, peer: SocketAddr) {
         let _ = app.set_nodelay(true);
-        self.shared.metrics.http_connections.with_label_values(&["outbound"]).inc();
+        self.connections.inc();
         let this = self.clone();
-        let metrics = Arc::new(ConnMetrics::default());
         let svc = service_fn(move |req| {
-            let (this, metrics) = (this.clone(), metrics.clone());
-            async move { Ok::<_, Infallible>(this.request(req, peer, &metrics).await) }
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.request(req, peer).await) }
         });
         let kill = self.shared.drain.child_token();
         let (idle, stopping) = (self.shared.limits.idle_timeout, self.shared.stopping.clone());
@@ -63,12 +66,7 @@ impl OutboundHttp {
         .await;
     }
 
-    async fn request(
-        &self,
-        mut req: Request<Incoming>,
-        peer: SocketAddr,
-        metrics: &Arc<ConnMetrics>,
-    ) -> Response<Body> {
+    async fn request(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let shared = &self.shared;
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -81,7 +79,7 @@ impl OutboundHttp {
         let mut ex = Exchange {
             src_identity: Some(shared.id.clone()),
             mtls: true,
-            ..Exchange::start(Direction::Outbound, peer, self.up.remote, &parts, &authority, metrics)
+            ..Exchange::start(Direction::Outbound, peer, self.up.remote, &parts, &authority, &self.metrics)
         };
         ex.request_id = headers::ensure_request_id(&mut parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
