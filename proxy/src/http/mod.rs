@@ -173,7 +173,6 @@ struct LabelKey<'a> {
     flags: &'static str,
 }
 
-#[derive(PartialEq, Eq)]
 struct OwnedLabelKey {
     direction: Direction,
     src: Option<SpiffeId>,
