@@ -14,7 +14,8 @@ async fn every_status_is_counted_on_both_sides() {
     let pki = Pki::new();
     let mesh = L7Mesh::start(&pki, STRICT_MESH, Protocol::Http, Protocol::Http).await;
     let (c, out) = (h1_client(), mesh.outbound());
-    let codes: Vec<u16> = (200..220).chain(400..410).chain([301, 302, 418, 451, 500, 502, 503, 504]).collect();
+    let codes: Vec<u16> =
+        (200..220).chain(400..410).chain([301, 302, 418, 451, 500, 502, 503, 504]).collect();
     for round in 0..3 {
         for &code in &codes {
             let a = call(&c, out, "GET", &format!("/status/{code}"), &[]).await;
