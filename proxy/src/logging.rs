@@ -4,8 +4,8 @@
 //! (`timestamp`, `level`, the event's fields in order, `target`), but serialized straight into a
 //! reused byte buffer. tracing-subscriber's own JSON formatter goes through an adapter that checks
 //! every few bytes of output for UTF-8 and copies them one piece at a time into a `String`; with
-//! an access line per HTTP request that was half of a sidecar's instructions per request (counted
-//! with callgrind, bench/README.md). An event inside a span is handed to tracing-subscriber's
+//! an access line per HTTP request, writing lines this way saved about 40,000 of the 229,000
+//! instructions an L7 sidecar spent per request in the build measured (callgrind, bench/README.md). An event inside a span is handed to tracing-subscriber's
 //! formatter, which knows how to write span fields; keycard opens no spans.
 
 use std::cell::Cell;

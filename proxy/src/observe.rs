@@ -70,8 +70,9 @@ pub struct Observed {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// foldhash, seeded per process: SipHash of the key's strings was 5% of an HTTP request's
-    /// instructions (callgrind); the table is capped at `MAX_FLOWS`, so colliding keys cannot grow it.
+    /// foldhash, seeded per process: recording an HTTP request here cost about 10,000 instructions
+    /// with SipHash, 1,800 with it (callgrind, of ~120,000 per request); the table is capped at
+    /// `MAX_FLOWS`, so colliding keys cannot grow it.
     flows: HashMap<Key, Stats, foldhash::fast::RandomState>,
     dropped: u64,
 }

@@ -203,7 +203,7 @@ impl LabelKey<'_> {
             && self.dst == k.dst.as_ref()
     }
 
-    fn to_owned(&self) -> OwnedLabelKey {
+    fn owned(&self) -> OwnedLabelKey {
         OwnedLabelKey {
             direction: self.direction,
             src: self.src.cloned(),
@@ -253,7 +253,7 @@ impl RequestMetrics {
         let c = key.children(m);
         record(&c);
         if sets.len() < LABEL_SETS {
-            sets.push((key.to_owned(), c));
+            sets.push((key.owned(), c));
         }
     }
 }
