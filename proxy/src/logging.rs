@@ -1,18 +1,21 @@
 //! Log lines on stderr, as text or as JSON, under a filter that `/logging` can change at run time.
 //!
 //! JSON lines are the ones tracing-subscriber's `json().flatten_event(true)` writes, byte for byte
-//! (`timestamp`, `level`, the event's fields in order, `target`), but serialized straight into a
+//! (`timestamp`, `level`, the event's fields in order, `target`), but written straight into a
 //! reused byte buffer. tracing-subscriber's own JSON formatter goes through an adapter that checks
-//! every few bytes of output for UTF-8 and copies them one piece at a time into a `String`; with
-//! an access line per HTTP request, writing lines this way saved about 40,000 of the 229,000
-//! instructions an L7 sidecar spent per request in the build measured (callgrind, bench/README.md). An event inside a span is handed to tracing-subscriber's
-//! formatter, which knows how to write span fields; keycard opens no spans.
+//! every few bytes of output for UTF-8 and copies them one piece at a time into a `String`, and
+//! serializes each field through serde_json's map state machine; with an access line per HTTP
+//! request, these lines cost an L7 sidecar about 40,000 instructions per request more in the
+//! builds measured (callgrind, bench/README.md). Strings that need no escaping are copied whole;
+//! the timestamp's date and time of day are formatted once per second. An event inside a span is
+//! handed to tracing-subscriber's formatter, which knows how to write span fields; keycard opens
+//! no spans.
 
 use std::cell::Cell;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::ser::{SerializeMap as _, Serializer as _};
+use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::fmt::format::{Format, FormatEvent, FormatFields, Json, Writer};
@@ -112,22 +115,169 @@ where
 
 fn write_line(line: &mut Vec<u8>, event: &Event<'_>) -> Result<(), fmt::Error> {
     let mut timestamp = String::with_capacity(32);
-    SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => write_timestamp(&mut timestamp, since),
+        // A clock before 1970: tracing-subscriber's formatter knows how to write that.
+        Err(_) => SystemTime.format_time(&mut Writer::new(&mut timestamp))?,
+    }
     // Events from the `log` crate (rustls) carry their real target and level as fields.
     let normalized = event.normalized_metadata();
     let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
-    let fail = |_: serde_json::Error| fmt::Error;
-    let mut ser = serde_json::Serializer::new(&mut *line);
-    let mut map = ser.serialize_map(None).map_err(fail)?;
-    map.serialize_entry("timestamp", &timestamp).map_err(fail)?;
-    map.serialize_entry("level", meta.level().as_str()).map_err(fail)?;
-    let mut fields = tracing_serde::SerdeMapVisitor::new(map);
+    line.extend_from_slice(b"{\"timestamp\":");
+    push_json_str(line, &timestamp);
+    line.extend_from_slice(b",\"level\":");
+    push_json_str(line, meta.level().as_str());
+    let mut fields = JsonFieldsVisitor { line: &mut *line, ok: true };
     event.record(&mut fields);
-    let mut map = fields.take_serializer().map_err(fail)?;
-    map.serialize_entry("target", meta.target()).map_err(fail)?;
-    map.end().map_err(fail)?;
-    line.push(b'\n');
+    if !fields.ok {
+        return Err(fmt::Error);
+    }
+    line.extend_from_slice(b",\"target\":");
+    push_json_str(line, meta.target());
+    line.extend_from_slice(b"}\n");
     Ok(())
+}
+
+/// A JSON string: most (field names, addresses, identities, paths) need no escaping and are
+/// copied whole; the rest go through serde_json, which escapes exactly what it must (quote,
+/// backslash, control characters).
+fn push_json_str(line: &mut Vec<u8>, s: &str) {
+    if !needs_escape(s.as_bytes()) {
+        line.push(b'"');
+        line.extend_from_slice(s.as_bytes());
+        line.push(b'"');
+    } else {
+        // Writing into a Vec fails only for a value that fails to serialize; a str does not.
+        let _ = serde_json::to_writer(&mut *line, s);
+    }
+}
+
+/// Whether `s` holds a byte JSON escapes: a control character (below 0x20), `"` or `\`. Eight
+/// bytes at a time (a byte loop cost an access line about 3,000 instructions): for a word `x`,
+/// `(x - 0x01..01 * n) & !x & 0x80..80` is non-zero exactly when some byte of `x` is below `n`
+/// (for `n` up to 0x80), and a byte equal to `c` is a zero byte of `x ^ (0x01..01 * c)`.
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
+    let mut words = s.chunks_exact(8);
+    for word in &mut words {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(word);
+        let x = u64::from_ne_bytes(bytes);
+        if below(x, 0x20) || below(x ^ (ONES * u64::from(b'"')), 1) || below(x ^ (ONES * u64::from(b'\\')), 1)
+        {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// An event's fields as `,"name":value` each, as tracing-serde's map visitor writes them (the same
+/// value for every kind of field; `Debug` for what tracing records that way), without its
+/// serializer's per-entry state.
+struct JsonFieldsVisitor<'a> {
+    line: &'a mut Vec<u8>,
+    /// False once a value failed to serialize (a `Debug` that returned an error): the line is
+    /// dropped, as tracing-subscriber drops it.
+    ok: bool,
+}
+
+impl JsonFieldsVisitor<'_> {
+    fn key(&mut self, field: &Field) {
+        self.line.push(b',');
+        push_json_str(self.line, field.name());
+        self.line.push(b':');
+    }
+
+    /// A value serde_json writes (a float: `null` when not finite; `Debug` text: a string).
+    fn serialize(&mut self, field: &Field, value: impl serde::Serialize) {
+        if self.ok {
+            self.key(field);
+            self.ok = serde_json::to_writer(&mut *self.line, &value).is_ok();
+        }
+    }
+}
+
+impl Visit for JsonFieldsVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.ok {
+            self.key(field);
+            push_json_str(self.line, value);
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.ok {
+            self.key(field);
+            self.line.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.ok {
+            self.key(field);
+            self.line.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.ok {
+            self.key(field);
+            self.line.extend_from_slice(if value { b"true" } else { b"false" });
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.serialize(field, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.serialize(field, format_args!("{value:?}"));
+    }
+}
+
+thread_local! {
+    /// The second last written, as `YYYY-MM-DDTHH:MM:SS.`, and which second since 1970 that is.
+    static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+}
+
+/// The time `since` 1970 as tracing-subscriber's `SystemTime` writes it
+/// (`2026-12-01T22:31:57.123456Z`, UTC, microseconds), the date and time of day formatted once per
+/// second (through `fmt` they cost an access line about 2,400 instructions).
+fn write_timestamp(out: &mut String, since: std::time::Duration) {
+    let secs = since.as_secs();
+    let (cached, mut prefix) = SECOND.get();
+    if cached != secs {
+        let at = i64::try_from(secs).ok().and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok());
+        let Some(at) = at else {
+            // Past the year 9999: the slow way, as tracing-subscriber writes it.
+            let _ = SystemTime.format_time(&mut Writer::new(out));
+            return;
+        };
+        let text = format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
+            at.year(),
+            u8::from(at.month()),
+            at.day(),
+            at.hour(),
+            at.minute(),
+            at.second()
+        );
+        let Ok(bytes) = <[u8; 20]>::try_from(text.as_bytes()) else {
+            let _ = SystemTime.format_time(&mut Writer::new(out));
+            return;
+        };
+        prefix = bytes;
+        SECOND.set((secs, prefix));
+    }
+    out.push_str(std::str::from_utf8(&prefix).unwrap_or_default());
+    let micros = since.subsec_micros();
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(micros);
+    out.extend(std::iter::repeat_n('0', 6usize.saturating_sub(digits.len())));
+    out.push_str(digits);
+    out.push('Z');
 }
 
 #[cfg(test)]
@@ -189,6 +339,20 @@ mod tests {
             "access"
         );
         tracing::warn!(error = %io::Error::other("broken \"pipe\""), "a {} message", "formatted");
+        let err = io::Error::other("as an error");
+        tracing::info!(
+            wide = u128::MAX,
+            narrow = i128::MIN,
+            big = u64::MAX,
+            small = i64::MIN,
+            no = false,
+            inf = f64::INFINITY,
+            empty = "",
+            separators = "\u{2028}\u{2029}\t",
+            unit_separator = "a\u{1f}b",
+            "quoted \"name\"" = 1u64,
+            err = &err as &(dyn std::error::Error + 'static),
+        );
         tracing::error!(target: "odd \" target", "");
     }
 
@@ -203,13 +367,59 @@ mod tests {
             .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(theirs.clone()));
         tracing::subscriber::with_default(sub, emit_all);
         let (ours, theirs) = (ours.lines(), theirs.lines());
-        assert_eq!(ours.len(), 3, "{ours:?}");
+        assert_eq!(ours.len(), 4, "{ours:?}");
         assert_eq!(ours, theirs);
         let v: serde_json::Value = serde_json::from_str(&ours[0]).unwrap_or_default();
         assert_eq!(v["path"], "/a\"b\\c\n\u{1}é\u{7f}");
         assert_eq!(v["src.addr"], "127.0.0.1:8080");
         assert_eq!(v["target"], "keycard::access");
         assert!(v["nan"].is_null());
+    }
+
+    #[test]
+    fn timestamps_are_written_as_tracing_subscriber_writes_them() {
+        use std::time::Duration;
+        let cases = [
+            (Duration::ZERO, "1970-01-01T00:00:00.000000Z"),
+            (Duration::new(951_827_696, 123_999), "2000-02-29T12:34:56.000123Z"),
+            (Duration::new(951_827_696, 999_999_999), "2000-02-29T12:34:56.999999Z"),
+            (Duration::new(951_827_697, 1_000), "2000-02-29T12:34:57.000001Z"),
+            (Duration::new(1_796_169_599, 500_000_000), "2026-12-01T23:59:59.500000Z"),
+            (Duration::new(4_102_444_799, 999_999_000), "2099-12-31T23:59:59.999999Z"),
+            (Duration::new(253_402_300_799, 0), "9999-12-31T23:59:59.000000Z"),
+        ];
+        for (since, want) in cases {
+            let mut out = String::new();
+            write_timestamp(&mut out, since);
+            assert_eq!(out, want, "{since:?}");
+        }
+        // And the shape of the real thing, from tracing-subscriber, now.
+        let (mut ours, mut theirs) = (String::new(), String::new());
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        write_timestamp(&mut ours, since);
+        let _ = SystemTime.format_time(&mut Writer::new(&mut theirs));
+        let shape =
+            |t: &str| t.bytes().map(|b| if b.is_ascii_digit() { b'0' } else { b }).collect::<Vec<u8>>();
+        assert_eq!(shape(&ours), shape(&theirs), "{ours} {theirs}");
+    }
+
+    /// The word-at-a-time check agrees with the plain one on every byte in every position.
+    #[test]
+    fn escape_check_finds_every_byte_json_escapes() {
+        let plain = |s: &[u8]| s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+        for len in 0..20 {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut s = vec![b'a'; len];
+                    s[at] = b;
+                    assert_eq!(needs_escape(&s), plain(&s), "byte {b:#x} at {at} of {len}");
+                    // Next to UTF-8 and DEL, which stay as they are.
+                    let mut s = "é\u{7f}".repeat(len).into_bytes();
+                    s[at] = b;
+                    assert_eq!(needs_escape(&s), plain(&s), "byte {b:#x} at {at} among UTF-8");
+                }
+            }
+        }
     }
 
     /// Inside a span the line carries the span, as tracing-subscriber writes it.

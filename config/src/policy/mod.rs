@@ -287,15 +287,20 @@ impl Cx<'_> {
             }
         };
         let rules = spec.rules.iter().map(|r| self.rule(r)).collect::<Result<Vec<_>, _>>()?;
+        let namespace = self.namespace(&o.metadata);
+        let origin = self.origin(&o.metadata);
+        let name = o.metadata.name.value;
+        let rule_ids = (0..rules.len()).map(|i| authz::RuleId::new(&namespace, &name, i)).collect();
         Ok(AuthzPolicy {
-            namespace: self.namespace(&o.metadata),
-            origin: self.origin(&o.metadata),
-            name: o.metadata.name.value,
+            namespace,
+            origin,
+            name,
             action,
             selector: spec.selector.map(|s| s.match_labels),
             dry_run,
             rule_count: rules.len(),
             rules,
+            rule_ids,
         })
     }
 

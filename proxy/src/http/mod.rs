@@ -28,6 +28,7 @@ use keycard_config::SpiffeId;
 use tokio::net::TcpStream;
 
 use self::body::{Body, BoxError, Outcome, Tracked};
+use crate::access::AddrText;
 use crate::sidecar::{Direction, Shared};
 
 /// One request as it is reported when its response ends: a metric sample and an access event.
@@ -124,23 +125,24 @@ impl Exchange {
             c.request_bytes.observe(request_bytes as f64);
             c.response_bytes.observe(outcome.bytes as f64);
         });
+        let (src, dst) = (AddrText::new(self.src_addr), AddrText::new(self.dst_addr));
         tracing::info!(
             target: "keycard::access",
             direction = self.direction.as_str(),
-            src.addr = %self.src_addr,
+            src.addr = src.as_str(),
             src.identity = self.src_identity.as_ref().map_or("-", SpiffeId::as_str),
-            dst.addr = %self.dst_addr,
+            dst.addr = dst.as_str(),
             dst.identity = self.dst_identity.as_ref().map_or("-", SpiffeId::as_str),
             port = self.port,
             mtls = self.mtls,
             protocol = self.protocol,
-            method = %self.method,
-            path = %self.path,
-            authority = %self.authority,
+            method = self.method.as_str(),
+            path = self.path.as_str(),
+            authority = self.authority.as_str(),
             status,
             grpc_status = grpc,
-            request_id = %self.request_id,
-            policy = %self.policy,
+            request_id = self.request_id.as_str(),
+            policy = self.policy.as_str(),
             decision = verdict.decision,
             reason = verdict.reason,
             response_flags = flags,
