@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http::uri::Authority;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use keycard_config::SpiffeId;
 use keycard_config::http::normalize_path;
@@ -19,9 +19,10 @@ use keycard_config::policy::authz::{Attributes, HttpAttributes};
 use keycard_config::sidecar::{InboundPort, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::app::AppPool;
 use super::body::{self, Body, Counted};
 use super::headers::{self, DENIED_BY, DOWNSTREAM_PROTOCOL};
-use super::{AppConnector, Exchange, RequestMetrics, Verdict, bridge, local, respond, smuggling_counter};
+use super::{Exchange, RequestMetrics, Verdict, bridge, local, respond, smuggling_counter};
 use crate::conns::ConnFacts;
 use crate::sidecar::{Direction, Shared};
 
@@ -42,36 +43,18 @@ pub struct InboundHttp {
     shared: Arc<Shared>,
     port: Arc<InboundPort>,
     builder: auto::Builder<TokioExecutor>,
-    app_h1: Client<AppConnector, Body>,
-    app_h2: Client<AppConnector, Body>,
+    app: Arc<AppPool>,
     metrics: Arc<RequestMetrics>,
     connections: prometheus::IntCounter,
 }
 
 impl InboundHttp {
     pub fn new(shared: Arc<Shared>, port: Arc<InboundPort>) -> Arc<Self> {
-        let connector = AppConnector { addr: port.app, timeout: shared.limits.connect_timeout };
-        let client = |h2: bool| {
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(256)
-                .http2_only(h2)
-                .build(connector.clone())
-        };
+        let app = AppPool::new(port.app, shared.limits.connect_timeout, APP_IDLE_TIMEOUT);
         let builder = super::server::builder(&shared.http);
         let metrics = Arc::default();
         let connections = shared.metrics.http_connections.with_label_values(&["inbound"]);
-        Arc::new(Self {
-            app_h1: client(false),
-            app_h2: client(true),
-            builder,
-            shared,
-            port,
-            metrics,
-            connections,
-        })
+        Arc::new(Self { app, builder, shared, port, metrics, connections })
     }
 
     /// Serves one downstream connection (already past mutual TLS and the mode check).
@@ -200,11 +183,19 @@ impl InboundHttp {
             None => path,
         };
         let host = if authority.is_empty() { self.port.app.to_string() } else { authority };
-        parts.uri = match format!("http://{host}{target}").parse() {
-            Ok(u) => u,
-            Err(_) => return local(shared, ex, StatusCode::BAD_REQUEST, "Bad Request\n", BAD_PATH, &[]),
+        let to_h2 = h2 && !upgrade;
+        // HTTP/2 carries the authority in the request itself (`:authority`); HTTP/1.1 in `Host`,
+        // with only the path on the request line.
+        let uri = if to_h2 {
+            format!("http://{host}{target}").parse::<Uri>().ok()
+        } else {
+            host.parse::<Authority>().ok().and_then(|_| target.parse::<Uri>().ok())
         };
-        if h2 && !upgrade {
+        let Some(uri) = uri else {
+            return local(shared, ex, StatusCode::BAD_REQUEST, "Bad Request\n", BAD_PATH, &[]);
+        };
+        parts.uri = uri;
+        if to_h2 {
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
         } else {
@@ -213,9 +204,14 @@ impl InboundHttp {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        let body = body::boxed(Counted::new(body, ex.request_bytes.clone()));
-        let client = if parts.version == Version::HTTP_2 { &self.app_h2 } else { &self.app_h1 };
-        let sent = client.request(Request::from_parts(parts, body));
+        let req = Request::from_parts(parts, body::boxed(Counted::new(body, ex.request_bytes.clone())));
+        let sent = async {
+            if to_h2 {
+                self.app.send_h2(req).await.map(|resp| (resp, None))
+            } else {
+                self.app.send_h1(req).await.map(|(resp, lease)| (resp, Some(lease)))
+            }
+        };
         let timeout = shared.http.request_timeout;
         let result = if timeout.is_zero() {
             sent.await
@@ -236,14 +232,15 @@ impl InboundHttp {
             }
         };
         match result {
-            Ok(mut resp) => {
+            Ok((mut resp, lease)) => {
                 let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if switching && let Some(downstream) = on_upgrade {
                     bridge(shared, downstream, hyper::upgrade::on(&mut resp));
                 }
                 headers::strip_hop_by_hop(resp.headers_mut(), switching);
                 *resp.version_mut() = downstream_version;
-                respond(shared, ex, Verdict::FORWARDED, resp, ())
+                // The app connection returns to the pool once the response body has gone.
+                respond(shared, ex, Verdict::FORWARDED, resp, lease)
             }
             Err(e) => {
                 let flags = if e.is_connect() { "UF" } else { "UC" };
@@ -255,5 +252,8 @@ impl InboundHttp {
         }
     }
 }
+
+/// How long an unused HTTP/1.1 connection to the app is kept.
+const APP_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 const BAD_PATH: Verdict = Verdict { decision: "deny", reason: "bad_request", flags: "-" };

@@ -4,6 +4,7 @@
 //! sidecar over a pool of mutual-TLS HTTP/2 connections. WebSocket-style upgrades get a
 //! dedicated mutual-TLS HTTP/1.1 connection and are bridged as bytes once switched.
 
+pub mod app;
 pub mod authn;
 pub mod body;
 pub mod guard;
@@ -15,7 +16,6 @@ pub mod server;
 pub mod sniff;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -25,7 +25,6 @@ use http::{HeaderValue, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use keycard_config::SpiffeId;
-use tokio::net::TcpStream;
 
 use self::body::{Body, BoxError, Outcome, Tracked};
 use crate::access::AddrText;
@@ -384,35 +383,4 @@ pub fn authority_of(parts: &http::request::Parts) -> String {
         .map(|a| a.as_str().to_owned())
         .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
         .unwrap_or_default()
-}
-
-/// Connects hyper-util's pooled client to one app address, whatever the request URI says (the
-/// URI keeps the original authority for the app to see).
-#[derive(Clone)]
-pub struct AppConnector {
-    pub addr: SocketAddr,
-    pub timeout: Duration,
-}
-
-type ConnectFuture = Pin<Box<dyn std::future::Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>>;
-
-impl tower_service::Service<http::Uri> for AppConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (addr, timeout) = (self.addr, self.timeout);
-        Box::pin(async move {
-            let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-            let _ = s.set_nodelay(true);
-            Ok(TokioIo::new(s))
-        })
-    }
 }

@@ -1,0 +1,400 @@
+//! The inbound sidecar's connections to its app (plain TCP to the port's `app` address): HTTP/1.1
+//! connections carry one request at a time and wait, most recently used first, for the next;
+//! HTTP/2 shares one connection. A request that a reused connection never took (the app had
+//! closed it) is sent again on a new one.
+//!
+//! hyper-util's pooled client did this before; per request it hashed its pool key, spawned a task
+//! to wait for the connection to be ready again and ran its checkout machinery, about 10,000
+//! instructions of an L7 sidecar's 107,000 (callgrind, bench/README.md).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::body::Body;
+
+/// Idle HTTP/1.1 connections kept per app port, at most.
+const MAX_IDLE: usize = 256;
+
+/// Why a request did not reach the app or got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("connecting to the app: {0}")]
+    Connect(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+impl AppError {
+    /// No connection could be made (Envoy's `UF`), as opposed to one that failed (`UC`).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, AppError::Connect(_))
+    }
+}
+
+pub struct AppPool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    idle: Arc<Mutex<Vec<Idle>>>,
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+    /// Whether the task closing long-idle connections runs (started with the first idle one).
+    reaper: Mutex<bool>,
+}
+
+struct Idle {
+    send: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// An HTTP/1.1 connection lent to one request: back among the idle ones when dropped (after the
+/// response body), unless it closed or was upgraded.
+pub struct Lease {
+    send: Option<http1::SendRequest<Body>>,
+    idle: Weak<Mutex<Vec<Idle>>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let (Some(send), Some(idle)) = (self.send.take(), self.idle.upgrade()) else { return };
+        if send.is_closed() {
+            return;
+        }
+        let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle { send, since: Instant::now() });
+        }
+    }
+}
+
+impl AppPool {
+    pub fn new(addr: SocketAddr, connect_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
+        Arc::new(AppPool {
+            addr,
+            connect_timeout,
+            idle_timeout,
+            idle: Arc::default(),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            reaper: Mutex::new(false),
+        })
+    }
+
+    /// Sends `req` over HTTP/1.1; the lease goes with the response body.
+    pub async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Lease), AppError> {
+        while let Some(mut send) = self.take_idle() {
+            // An idle connection finishes its last exchange before it takes the next.
+            if send.ready().await.is_err() {
+                continue;
+            }
+            match send.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, self.lease(send))),
+                Err(e) => req = not_taken(e)?,
+            }
+        }
+        let mut send = self.connect_h1().await?;
+        let resp = send.send_request(req).await?;
+        Ok((resp, self.lease(send)))
+    }
+
+    /// Sends `req` over the port's HTTP/2 connection (made when there is none).
+    pub async fn send_h2(&self, mut req: Request<Body>) -> Result<Response<Incoming>, AppError> {
+        let current = self.h2.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(mut send) = current.filter(|s| !s.is_closed()) {
+            match send.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => req = not_taken(e)?,
+            }
+        }
+        let mut send = self.connect_h2().await?;
+        Ok(send.send_request(req).await?)
+    }
+
+    fn lease(self: &Arc<Self>, send: http1::SendRequest<Body>) -> Lease {
+        self.start_reaper();
+        Lease { send: Some(send), idle: Arc::downgrade(&self.idle) }
+    }
+
+    /// The most recently used idle connection that is still open, dropping closed and expired ones.
+    fn take_idle(&self) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        idle.retain(|c| !c.send.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+        idle.pop().map(|c| c.send)
+    }
+
+    async fn connect(&self) -> Result<TokioIo<TcpStream>, AppError> {
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+            Ok(r) => r.map_err(AppError::Connect)?,
+            Err(_) => {
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+                return Err(AppError::Connect(e));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, AppError> {
+        let (send, conn) = http1::handshake(self.connect().await?).await?;
+        // Ends when the app closes the connection or every handle to it is dropped.
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "app connection ended");
+            }
+        });
+        Ok(send)
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, AppError> {
+        let _one_at_a_time = self.h2_connecting.lock().await;
+        let current = self.h2.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(send) = current.filter(|s| !s.is_closed()) {
+            return Ok(send);
+        }
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(self.connect().await?)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "app connection ended");
+            }
+        });
+        *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(send.clone());
+        Ok(send)
+    }
+
+    /// Closes connections idle for longer than the idle timeout, every third of it, for as long as
+    /// the pool exists.
+    fn start_reaper(self: &Arc<Self>) {
+        let mut started = self.reaper.lock().unwrap_or_else(PoisonError::into_inner);
+        if *started {
+            return;
+        }
+        *started = true;
+        let (pool, every) = (Arc::downgrade(self), (self.idle_timeout / 3).max(Duration::from_millis(10)));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                let now = Instant::now();
+                let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                idle.retain(|c| !c.send.is_closed() && now.duration_since(c.since) < pool.idle_timeout);
+            }
+        });
+    }
+}
+
+/// The request back from a connection that closed before taking it, or the error it failed with.
+fn not_taken(mut e: TrySendError<Request<Body>>) -> Result<Request<Body>, AppError> {
+    match e.take_message() {
+        Some(req) => Ok(req),
+        None => Err(AppError::Http(e.into_error())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::http::body;
+
+    /// An HTTP/1.1 app on 127.0.0.1 answering every request `ok`, counting the connections it
+    /// accepted and those its clients closed; with `close_after`, it closes each connection that
+    /// long after its first response (as an app's own keep-alive timeout would).
+    struct App {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        closed_by_client: Arc<AtomicUsize>,
+    }
+
+    async fn app(close_after: Option<Duration>) -> App {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, closed_by_client) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, c) = (accepted.clone(), closed_by_client.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => {
+                                c.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(n) => n,
+                        };
+                        head.extend_from_slice(&buf[..n]);
+                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            head.drain(..end + 4);
+                            let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(resp).await.is_err() {
+                                return;
+                            }
+                            if let Some(after) = close_after {
+                                tokio::time::sleep(after).await;
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        App { addr, accepted, closed_by_client }
+    }
+
+    fn get() -> Request<Body> {
+        Request::get("/x").header("host", "app").body(body::empty()).unwrap()
+    }
+
+    /// Sends one request and reads the response to its end; the lease goes back then.
+    async fn exchange(pool: &Arc<AppPool>) -> Result<String, AppError> {
+        let (resp, lease) = pool.send_h1(get()).await?;
+        let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        drop(lease);
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let app = app(None).await;
+        let pool = AppPool::new(app.addr, Duration::from_secs(2), Duration::from_secs(90));
+        for _ in 0..5 {
+            assert_eq!(exchange(&pool).await.unwrap(), "ok");
+        }
+        assert_eq!(app.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_get_their_own_connections_and_keep_them() {
+        let app = app(None).await;
+        let pool = AppPool::new(app.addr, Duration::from_secs(2), Duration::from_secs(90));
+        // Three responses held open at once need three connections...
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(pool.send_h1(get()).await.unwrap());
+        }
+        assert_eq!(app.accepted.load(Ordering::SeqCst), 3);
+        for (resp, lease) in held {
+            let _ = resp.into_body().collect().await;
+            drop(lease);
+        }
+        // ...which then carry the next ones.
+        for _ in 0..6 {
+            assert_eq!(exchange(&pool).await.unwrap(), "ok");
+        }
+        assert_eq!(app.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_is_replaced_without_failing_the_request() {
+        let app = app(Some(Duration::from_millis(20))).await;
+        let pool = AppPool::new(app.addr, Duration::from_secs(2), Duration::from_secs(90));
+        for i in 1..=4 {
+            assert_eq!(exchange(&pool).await.unwrap(), "ok", "request {i}");
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert_eq!(app.accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn connections_idle_past_the_timeout_are_closed() {
+        let app = app(None).await;
+        let pool = AppPool::new(app.addr, Duration::from_secs(2), Duration::from_millis(150));
+        assert_eq!(exchange(&pool).await.unwrap(), "ok");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while app.closed_by_client.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the idle connection was never closed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // And the next request opens a new one.
+        assert_eq!(exchange(&pool).await.unwrap(), "ok");
+        assert_eq!(app.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let pool = AppPool::new(addr, Duration::from_secs(2), Duration::from_secs(90));
+        let err = exchange(&pool).await.unwrap_err();
+        assert!(err.is_connect(), "{err}");
+        let err = pool.send_h2(get()).await.unwrap_err();
+        assert!(err.is_connect(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection_and_survive_its_loss() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        let kill = Arc::new(tokio::sync::Notify::new());
+        let k = kill.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let k = k.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(body::full("h2")))
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        () = k.notified() => {}
+                    }
+                });
+            }
+        });
+        let pool = AppPool::new(addr, Duration::from_secs(2), Duration::from_secs(90));
+        let h2_get = || Request::get(format!("http://{addr}/x")).body(body::empty()).unwrap();
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let (pool, req) = (pool.clone(), h2_get());
+            all.spawn(async move { pool.send_h2(req).await.unwrap().into_body().collect().await.unwrap() });
+        }
+        for body in all.join_all().await {
+            assert_eq!(&body.to_bytes()[..], b"h2");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // The app drops the connection: the next request gets a new one.
+        kill.notify_waiters();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let closed = pool.h2.lock().unwrap().as_ref().is_none_or(http2::SendRequest::is_closed);
+            if closed {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the pool never saw the connection close");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let body = pool.send_h2(h2_get()).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"h2");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+}
