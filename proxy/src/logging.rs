@@ -11,9 +11,9 @@
 //! handed to tracing-subscriber's formatter, which knows how to write span fields; keycard opens
 //! no spans.
 
-use std::cell::Cell;
-use std::fmt;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
+use std::{fmt, io};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -38,12 +38,18 @@ pub fn init(filter: &str, json: bool) -> LogControl {
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     if json {
-        registry.with(json_layer(std::io::stderr)).init()
+        registry.with(json_layer(Stderr)).init()
     } else {
         // Colours only for a terminal: not into a file, a pipe or a container's log.
         let ansi = std::io::stderr().is_terminal();
-        registry.with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).init()
+        registry.with(fmt::layer().with_ansi(ansi).with_writer(Stderr)).init()
     }
+    // Lines a runtime thread holds are written before a panic's message.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        flush();
+        previous(info);
+    }));
     Arc::new(move |set: Option<&str>| {
         if let Some(spec) = set {
             let f = EnvFilter::try_new(spec).map_err(|e| format!("bad filter {spec:?}: {e}"))?;
@@ -51,6 +57,88 @@ pub fn init(filter: &str, json: bool) -> LogControl {
         }
         handle.with_current(|f| f.to_string()).map_err(|e| e.to_string())
     })
+}
+
+/// Lines held by a runtime thread are written once they reach this size, if it has not parked by then.
+const FLUSH_AT: usize = 32 * 1024;
+
+thread_local! {
+    /// Lines this thread holds until it parks (`None`: it writes each line as it comes).
+    static HELD: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// Writes what this thread holds to stderr, and from now on holds its lines until the next call.
+/// The sidecar's runtime calls it each time a thread is about to park (wait for events), so a
+/// wake-up that finishes several requests writes their access lines in one `write(2)`, after
+/// its responses went out, and no line waits longer than the work that is already running.
+/// Threads that never call it (and the runtime's blocking pool) write each line at once.
+pub fn flush() {
+    flush_to(&mut std::io::stderr().lock());
+}
+
+/// Writes what this thread holds and stops holding (a runtime thread that stops, or the process
+/// leaving its runtime).
+pub fn release() {
+    release_to(&mut std::io::stderr().lock());
+}
+
+fn release_to(out: &mut impl io::Write) {
+    flush_to(out);
+    let _ = HELD.try_with(|held| held.try_borrow_mut().map(|mut h| *h = None));
+}
+
+fn flush_to(out: &mut impl io::Write) {
+    let _ = HELD.try_with(|held| {
+        let Ok(mut held) = held.try_borrow_mut() else { return };
+        let pending = held.get_or_insert_with(Vec::new);
+        if !pending.is_empty() {
+            let _ = out.write_all(pending);
+            pending.clear();
+        }
+        if pending.capacity() > FLUSH_AT * 2 {
+            *pending = Vec::new();
+        }
+    });
+}
+
+/// One line: held, when this thread holds lines (written with the held ones past `FLUSH_AT`),
+/// else written to `out` now.
+fn write_line_to(line: &[u8], out: &mut impl io::Write) -> io::Result<()> {
+    let held = HELD.try_with(|held| {
+        let Ok(mut held) = held.try_borrow_mut() else { return false };
+        let Some(pending) = held.as_mut() else { return false };
+        pending.extend_from_slice(line);
+        if pending.len() >= FLUSH_AT {
+            let _ = out.write_all(pending);
+            pending.clear();
+        }
+        true
+    });
+    if held == Ok(true) { Ok(()) } else { out.write_all(line) }
+}
+
+/// Standard error, through this thread's held lines (see [`flush`]).
+pub struct Stderr;
+
+pub struct StderrLine;
+
+impl io::Write for StderrLine {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        write_line_to(buf, &mut io::stderr().lock())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl MakeWriter<'_> for Stderr {
+    type Writer = StderrLine;
+
+    fn make_writer(&self) -> StderrLine {
+        StderrLine
+    }
 }
 
 /// The JSON layer, writing one line per event to `writer`.
@@ -420,6 +508,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A thread that holds its lines writes them at the next flush, in order, or as soon as they
+    /// pass `FLUSH_AT`; one that does not writes each at once.
+    #[test]
+    fn held_lines_wait_for_the_flush() {
+        std::thread::spawn(|| {
+            let mut out = Vec::new();
+            write_line_to(b"one\n", &mut out).unwrap();
+            assert_eq!(out, b"one\n", "not holding yet: written at once");
+            flush_to(&mut out);
+            write_line_to(b"two\n", &mut out).unwrap();
+            write_line_to(b"three\n", &mut out).unwrap();
+            assert_eq!(out, b"one\n", "held until the flush");
+            flush_to(&mut out);
+            assert_eq!(out, b"one\ntwo\nthree\n");
+            let long = vec![b'x'; FLUSH_AT / 2];
+            write_line_to(&long, &mut out).unwrap();
+            assert_eq!(out.len(), 14, "half the limit stays held");
+            write_line_to(&long, &mut out).unwrap();
+            assert_eq!(out.len(), 14 + FLUSH_AT, "the limit is written without a flush");
+            write_line_to(b"four\n", &mut out).unwrap();
+            release_to(&mut out);
+            write_line_to(b"five\n", &mut out).unwrap();
+            assert!(out.ends_with(b"four\nfive\n"), "released: written at once again");
+        })
+        .join()
+        .unwrap();
     }
 
     /// Inside a span the line carries the span, as tracing-subscriber writes it.

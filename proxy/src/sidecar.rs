@@ -461,7 +461,7 @@ impl Sidecar {
         log_control: crate::admin::LogControl,
         shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Result<(), SidecarError> {
-        runtime.block_on(async move {
+        let result = runtime.block_on(async move {
             let mut sidecar = Sidecar::bind(cfg, Registry::new()).await?;
             sidecar.set_log_control(log_control);
             info!(addrs = ?sidecar.addrs(), "keycard sidecar listening");
@@ -476,7 +476,10 @@ impl Sidecar {
             });
             sidecar.serve(shutdown).await;
             Ok(())
-        })
+        });
+        // What this thread held since it last parked (a runtime with one thread runs here).
+        crate::logging::release();
+        result
     }
 
     /// `run`'s body, not generic: the sidecar's tasks are compiled in this crate, at its

@@ -22,12 +22,16 @@ pub struct ProxyArgs {
 
 pub fn run(a: ProxyArgs, log_control: keycard_proxy::admin::LogControl) -> anyhow::Result<ExitCode> {
     let cfg = SidecarConfig::load(&a.config)?;
-    let runtime = if a.workers == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    let mut builder = if a.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(a.workers.into()).enable_all().build()
-    }
-    .context("cannot start the runtime")?;
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(a.workers.into());
+        b
+    };
+    // Each thread's log lines (an access line per request) are written together when it parks.
+    builder.on_thread_park(keycard_proxy::logging::flush).on_thread_stop(keycard_proxy::logging::release);
+    let runtime = builder.enable_all().build().context("cannot start the runtime")?;
     Sidecar::run_process(&runtime, cfg, log_control, Box::pin(super::ca::shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }
