@@ -93,10 +93,6 @@ impl AppPool {
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Lease), AppError> {
         while let Some(mut send) = self.take_idle() {
-            // An idle connection finishes its last exchange before it takes the next.
-            if send.ready().await.is_err() {
-                continue;
-            }
             match send.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, self.lease(send))),
                 Err(e) => req = not_taken(e)?,
@@ -125,12 +121,15 @@ impl AppPool {
         Lease { send: Some(send), idle: Arc::downgrade(&self.idle) }
     }
 
-    /// The most recently used idle connection that is still open, dropping closed and expired ones.
+    /// The most recently used idle connection ready for a request, dropping closed and expired
+    /// ones. One still busy (the app answered before the request body ended, which is still
+    /// uploading) stays for later: a request never waits behind another.
     fn take_idle(&self) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         idle.retain(|c| !c.send.is_closed() && now.duration_since(c.since) < self.idle_timeout);
-        idle.pop().map(|c| c.send)
+        let ready = idle.iter().rposition(|c| c.send.is_ready())?;
+        Some(idle.remove(ready).send)
     }
 
     async fn connect(&self) -> Result<TokioIo<TcpStream>, AppError> {
@@ -306,6 +305,38 @@ mod tests {
             assert_eq!(exchange(&pool).await.unwrap(), "ok");
         }
         assert_eq!(app.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// A request body that sends one chunk and then never ends (an upload still going).
+    struct Stalled(bool);
+
+    impl hyper::body::Body for Stalled {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+            if self.0 {
+                return std::task::Poll::Pending;
+            }
+            self.0 = true;
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"abc")))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_does_not_wait_behind_an_upload_the_app_already_answered() {
+        let app = app(None).await;
+        let pool = AppPool::new(app.addr, Duration::from_secs(2), Duration::from_secs(90));
+        let upload = Request::post("/up").header("host", "app").header("content-length", "1000");
+        let (resp, lease) = pool.send_h1(upload.body(body::boxed(Stalled(false))).unwrap()).await.unwrap();
+        let _ = resp.into_body().collect().await;
+        drop(lease);
+        let next = tokio::time::timeout(Duration::from_secs(5), exchange(&pool)).await;
+        assert_eq!(next.expect("the next request waited for the upload").unwrap(), "ok");
+        assert_eq!(app.accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
