@@ -117,7 +117,7 @@ async fn handle(
             && plaintext_is_http(shared, port, &tcp).await
         {
             let peer = Peer { addr: peer, local, identity: None, xfcc: None, sni: None };
-            http.serve_conn(tcp, peer).await;
+            Box::pin(http.serve_conn(tcp, peer)).await;
             return;
         }
         let facts = ConnFacts {
@@ -143,10 +143,13 @@ async fn handle(
     let acceptor = TlsAcceptor::from(tls.server.clone());
     // The stream goes to the heap once, here, as a temporary: every later state (sniffing, HTTP,
     // forwarding) holds a pointer to it. Held by value, each nested future kept a slot of the
-    // stream's size, and an idle connection's task carried several (ARCHITECTURE.md).
+    // stream's size, and an idle connection's task carried several (ARCHITECTURE.md). For the
+    // same reason the futures only some connections need, or need only for a while (the
+    // handshake, HTTP serving, plaintext splicing), are boxed where they are awaited: a task is as
+    // large as its largest state, and an idle L4 connection's was 3.1 KB with them inline.
     let deadline = limits.handshake_timeout;
     let mut stream = Box::new(Rewind::new(
-        match tokio::time::timeout(deadline, acceptor.accept(ReadAhead::new(tcp))).await {
+        match Box::pin(tokio::time::timeout(deadline, acceptor.accept(ReadAhead::new(tcp)))).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let (reason, detail) = crate::sidecar::classify_tls_error(&e);
@@ -183,7 +186,7 @@ async fn handle(
         };
         if is_http {
             let peer = Peer { addr: peer, local, identity: principal, xfcc, sni };
-            http.serve_conn(stream, peer).await;
+            Box::pin(http.serve_conn(stream, peer)).await;
             return;
         }
     }
@@ -271,7 +274,7 @@ async fn proxy_to_app<S>(
     shared.metrics.active.inc();
     let idle = shared.limits.idle_timeout;
     let totals = match downstream {
-        Downstream::Plain(tcp) => forward::splice_pipe(tcp, app, idle, cancel).await,
+        Downstream::Plain(tcp) => Box::pin(forward::splice_pipe(tcp, app, idle, cancel)).await,
         Downstream::Tls(tls) => forward::pipe(tls, app, idle, cancel).await,
     };
     shared.metrics.active.dec();
