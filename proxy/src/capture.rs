@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
-use crate::forward;
+use crate::forward::{self, ConnectError};
 use crate::inbound::PortHandler;
 use crate::outbound::UpstreamHandler;
 use crate::sidecar::{Direction, Shared};
@@ -133,12 +133,11 @@ async fn passthrough(shared: &Shared, app: TcpStream, peer: SocketAddr, dst: Soc
         started: Instant::now(),
     };
     let _ = app.set_nodelay(true);
-    let remote = match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(dst)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return event.log("fail", "connect_failed", &e.to_string(), 0, 0),
-        Err(_) => return event.log("fail", "connect_timeout", "", 0, 0),
+    let remote = match forward::connect(dst, shared.limits.connect_timeout).await {
+        Ok(s) => s,
+        Err(ConnectError::Failed(e)) => return event.log("fail", "connect_failed", &e.to_string(), 0, 0),
+        Err(ConnectError::TimedOut) => return event.log("fail", "connect_timeout", "", 0, 0),
     };
-    let _ = remote.set_nodelay(true);
     let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
     shared.record_tcp(&labels, false);
     shared.metrics.active.inc();

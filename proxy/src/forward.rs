@@ -22,6 +22,27 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffers::{give_back, take};
 
+/// Why a TCP connection to an upstream or the app was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect failed: {0}")]
+    Failed(std::io::Error),
+    #[error("connect timed out")]
+    TimedOut,
+}
+
+/// TCP to `addr` within `timeout`, Nagle off (every leg a sidecar opens).
+pub async fn connect(addr: std::net::SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(ConnectError::Failed(e)),
+        Err(_) => Err(ConnectError::TimedOut),
+    }
+}
+
 /// How a forwarded connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {

@@ -259,15 +259,14 @@ async fn proxy_to_app<S>(
         event.log("deny", denied.reason(), "", 0, 0);
         return;
     }
-    let app = match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(port.app)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) | Err(_) => {
+    let app = match forward::connect(port.app, shared.limits.connect_timeout).await {
+        Ok(s) => s,
+        Err(_) => {
             shared.record_tcp(&with_flags(&labels, "UF"), true);
             event.log("allow", "app_unreachable", "", 0, 0);
             return;
         }
     };
-    let _ = app.set_nodelay(true);
     let cancel = shared.drain.child_token();
     let _registration = shared.live.register(facts.clone(), cancel.clone());
     shared.record_tcp(&labels, false);

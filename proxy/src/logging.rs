@@ -73,13 +73,14 @@ thread_local! {
 /// its responses went out, and no line waits longer than the work that is already running.
 /// Threads that never call it (and the runtime's blocking pool) write each line at once.
 pub fn flush() {
-    flush_to(&mut std::io::stderr().lock());
+    // Unlocked: stderr is locked only when there is something to write.
+    flush_to(&mut io::stderr());
 }
 
 /// Writes what this thread holds and stops holding (a runtime thread that stops, or the process
 /// leaving its runtime).
 pub fn release() {
-    release_to(&mut std::io::stderr().lock());
+    release_to(&mut io::stderr());
 }
 
 fn release_to(out: &mut impl io::Write) {
@@ -124,7 +125,7 @@ pub struct StderrLine;
 
 impl io::Write for StderrLine {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        write_line_to(buf, &mut io::stderr().lock())?;
+        write_line_to(buf, &mut io::stderr())?;
         Ok(buf.len())
     }
 

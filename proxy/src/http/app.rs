@@ -8,6 +8,7 @@
 //! instructions of an L7 sidecar's 107,000 (callgrind, bench/README.md).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::Body;
+use crate::forward::{self, ConnectError};
 
 /// Idle HTTP/1.1 connections kept per app port, at most.
 const MAX_IDLE: usize = 256;
@@ -26,7 +28,7 @@ const MAX_IDLE: usize = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("connecting to the app: {0}")]
-    Connect(std::io::Error),
+    Connect(#[from] ConnectError),
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }
@@ -45,8 +47,8 @@ pub struct AppPool {
     idle: Arc<Mutex<Vec<Idle>>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
     h2_connecting: tokio::sync::Mutex<()>,
-    /// Whether the task closing long-idle connections runs (started with the first idle one).
-    reaper: Mutex<bool>,
+    /// Whether the task closing long-idle connections runs (started with the first lease).
+    reaper: AtomicBool,
 }
 
 struct Idle {
@@ -83,7 +85,7 @@ impl AppPool {
             idle: Arc::default(),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
-            reaper: Mutex::new(false),
+            reaper: AtomicBool::new(false),
         })
     }
 
@@ -133,15 +135,7 @@ impl AppPool {
     }
 
     async fn connect(&self) -> Result<TokioIo<TcpStream>, AppError> {
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
-            Ok(r) => r.map_err(AppError::Connect)?,
-            Err(_) => {
-                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
-                return Err(AppError::Connect(e));
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok(TokioIo::new(forward::connect(self.addr, self.connect_timeout).await?))
     }
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, AppError> {
@@ -177,11 +171,9 @@ impl AppPool {
     /// Closes connections idle for longer than the idle timeout, every third of it, for as long as
     /// the pool exists.
     fn start_reaper(self: &Arc<Self>) {
-        let mut started = self.reaper.lock().unwrap_or_else(PoisonError::into_inner);
-        if *started {
+        if self.reaper.swap(true, Ordering::Relaxed) {
             return;
         }
-        *started = true;
         let (pool, every) = (Arc::downgrade(self), (self.idle_timeout / 3).max(Duration::from_millis(10)));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
