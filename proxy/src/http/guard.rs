@@ -8,8 +8,9 @@
 //! HTTP/2 (by its preface), upgrades and CONNECT are passed through untouched, and so is
 //! anything the guard cannot follow (hyper's own parser is then the judge).
 
+use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -54,41 +55,51 @@ impl Framing {
         self.state == State::Passthrough && self.held.is_empty()
     }
 
-    /// Feeds bytes read from the peer; appends to `out` what hyper may read now.
+    /// Feeds bytes read from the peer; appends to `out` what hyper may read now (an incomplete
+    /// head or line stays held until the bytes after it come).
     pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) {
         self.held.extend_from_slice(input);
+        let mut held = std::mem::take(&mut self.held);
+        let n = self.scan(&mut held);
+        out.extend_from_slice(&held.split_to(n));
+        self.held = held;
+    }
+
+    /// Follows `data`, the bytes after everything scanned before, where they lie (a head with
+    /// conflicting framing is poisoned in place) and returns how many of its leading bytes hyper
+    /// may read now. The rest, an incomplete head, chunk-size or trailer line, must come again at
+    /// the start of the next call, with the bytes that follow it.
+    fn scan(&mut self, data: &mut [u8]) -> usize {
+        let mut at = 0;
         loop {
-            let before = self.held.len();
+            let rest = &mut data[at..];
+            if rest.is_empty() {
+                return at;
+            }
             match self.state {
-                State::Passthrough => {
-                    out.extend_from_slice(&self.held.split());
-                    return;
-                }
-                State::Head => {
-                    if !self.head(out) {
-                        return;
-                    }
-                }
+                State::Passthrough => return data.len(),
+                State::Head => match self.head(rest) {
+                    Some(n) => at += n,
+                    None => return at,
+                },
                 State::Fixed(n) => {
-                    let take = (n.min(self.held.len() as u64)) as usize;
-                    out.extend_from_slice(&self.held.split_to(take));
-                    let left = n - take as u64;
-                    self.state = if left == 0 { State::Head } else { State::Fixed(left) };
+                    let take = n.min(rest.len() as u64);
+                    at += take as usize;
+                    self.state = if take == n { State::Head } else { State::Fixed(n - take) };
                 }
                 State::ChunkSize => {
-                    let Some(end) = find(&self.held, b"\r\n") else {
-                        if self.held.len() > 4096 {
+                    let Some(end) = find(rest, b"\r\n") else {
+                        if rest.len() > 4096 {
                             self.state = State::Passthrough;
                             continue;
                         }
-                        return;
+                        return at;
                     };
-                    let line = self.held.split_to(end + 2);
-                    let size = std::str::from_utf8(&line[..end])
+                    let size = std::str::from_utf8(&rest[..end])
                         .ok()
                         .and_then(|l| l.split(';').next())
                         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
-                    out.extend_from_slice(&line);
+                    at += end + 2;
                     self.state = match size {
                         Some(0) => State::Trailers,
                         Some(n) => State::ChunkData(n.saturating_add(2)),
@@ -96,60 +107,63 @@ impl Framing {
                     };
                 }
                 State::ChunkData(n) => {
-                    let take = (n.min(self.held.len() as u64)) as usize;
-                    out.extend_from_slice(&self.held.split_to(take));
-                    let left = n - take as u64;
-                    self.state = if left == 0 { State::ChunkSize } else { State::ChunkData(left) };
+                    let take = n.min(rest.len() as u64);
+                    at += take as usize;
+                    self.state = if take == n { State::ChunkSize } else { State::ChunkData(n - take) };
                 }
                 State::Trailers => {
-                    let Some(end) = find(&self.held, b"\r\n") else {
-                        if self.held.len() > self.max_head {
+                    let Some(end) = find(rest, b"\r\n") else {
+                        if rest.len() > self.max_head {
                             self.state = State::Passthrough;
                             continue;
                         }
-                        return;
+                        return at;
                     };
-                    let line = self.held.split_to(end + 2);
-                    out.extend_from_slice(&line);
+                    at += end + 2;
                     if end == 0 {
                         self.state = State::Head;
                     }
                 }
             }
-            if self.held.is_empty() && before == 0 {
-                return;
-            }
         }
     }
 
-    /// Handles a head when complete: `true` if it moved on (bytes consumed).
-    fn head(&mut self, out: &mut BytesMut) -> bool {
+    /// A head at the start of `rest`: how many bytes it moved past (a blank line, the head; none
+    /// when it stopped following), or `None` while the head is incomplete.
+    fn head(&mut self, rest: &mut [u8]) -> Option<usize> {
         // Empty lines before a request line are allowed and ignored.
-        while self.held.starts_with(b"\r\n") {
-            out.extend_from_slice(&self.held.split_to(2));
-        }
-        if self.held.is_empty() {
-            return false;
+        if rest.starts_with(b"\r\n") {
+            return Some(2);
         }
         if self.first {
-            let n = self.held.len().min(H2_PREFACE.len());
-            if self.held[..n] == H2_PREFACE[..n] {
+            let n = rest.len().min(H2_PREFACE.len());
+            if rest[..n] == H2_PREFACE[..n] {
                 if n < H2_PREFACE.len() {
-                    return false;
+                    return None;
                 }
                 self.state = State::Passthrough;
-                return true;
+                return Some(0);
             }
         }
-        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers.max(1)];
-        let mut req = httparse::Request::new(&mut headers);
-        let len = match req.parse(&self.held) {
+        // Header slots left uninitialised (a head seldom has more than a few dozen headers);
+        // on the heap only where the configured limit is above what the stack array holds.
+        const ON_STACK: usize = 128;
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; ON_STACK];
+        let mut heap = Vec::new();
+        let slots = if self.max_headers <= ON_STACK {
+            &mut stack[..self.max_headers.max(1)]
+        } else {
+            heap.resize_with(self.max_headers, MaybeUninit::uninit);
+            &mut heap[..]
+        };
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(rest, slots) {
             Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if self.held.len() <= self.max_head => return false,
+            Ok(httparse::Status::Partial) if rest.len() <= self.max_head => return None,
             // Too large, too many headers, not HTTP: hyper's parser answers (431 / 400).
             _ => {
                 self.state = State::Passthrough;
-                return true;
+                return Some(0);
             }
         };
         self.first = false;
@@ -163,10 +177,9 @@ impl Framing {
             std::str::from_utf8(h.value).is_ok_and(|v| v.trim().to_ascii_lowercase().ends_with("chunked"))
         });
         let upgrade = req.method == Some("CONNECT") || named("upgrade").next().is_some();
-        let mut head = self.held.split_to(len);
         if te && cl.is_some() {
             // Conflicting framing: make the request line unparseable so hyper refuses it.
-            head[0] = b'\x01';
+            rest[0] = b'\x01';
             self.refused += 1;
             self.state = State::Passthrough;
         } else if upgrade {
@@ -180,8 +193,7 @@ impl Framing {
                 Some(None) => State::Passthrough,
             };
         }
-        out.extend_from_slice(&head);
-        true
+        Some(len)
     }
 }
 
@@ -220,35 +232,42 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
         loop {
-            if self.ready.is_empty() && self.framing.passthrough() {
-                // Nothing left to follow (HTTP/2, upgrades): no copy, no extra buffer.
-                return Pin::new(&mut self.inner).poll_read(cx, buf);
-            }
-            if !self.ready.is_empty() {
-                let n = self.ready.len().min(buf.remaining());
-                buf.put_slice(&self.ready[..n]);
-                self.ready.advance(n);
+            if !this.ready.is_empty() {
+                let n = this.ready.len().min(buf.remaining());
+                buf.put_slice(&this.ready[..n]);
+                this.ready.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let got = rb.filled();
-                    if got.is_empty() {
-                        return Poll::Ready(Ok(())); // EOF; held bytes were an incomplete head
-                    }
-                    let this = &mut *self;
-                    let before = this.framing.refused;
-                    this.framing.feed(got, &mut this.ready);
-                    if this.framing.refused > before
-                        && let Some(f) = &this.refused
-                    {
-                        f();
-                    }
-                }
-                other => return other,
+            if this.framing.passthrough() {
+                // Nothing left to follow (HTTP/2, upgrades).
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            // Read into hyper's own buffer and follow the bytes there: no copy, no buffer of ours.
+            let start = buf.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            if buf.filled().len() == start {
+                return Poll::Ready(Ok(())); // EOF; held bytes were an incomplete head
+            }
+            let refused = this.framing.refused;
+            if this.framing.held.is_empty() {
+                let new = &mut buf.filled_mut()[start..];
+                let n = this.framing.scan(new);
+                // What hyper may not see yet (an incomplete head) waits for the bytes after it.
+                this.framing.held.extend_from_slice(&new[n..]);
+                buf.set_filled(start + n);
+            } else {
+                this.framing.feed(&buf.filled()[start..], &mut this.ready);
+                buf.set_filled(start);
+            }
+            if this.framing.refused > refused
+                && let Some(f) = &this.refused
+            {
+                f();
+            }
+            if buf.filled().len() > start {
+                return Poll::Ready(Ok(()));
             }
         }
     }
@@ -294,6 +313,51 @@ mod tests {
         assert_eq!(refused, 1);
         assert_eq!(&out[..first.len()], first);
         assert_eq!(out[first.len()], 1, "{:?}", String::from_utf8_lossy(&out));
+    }
+
+    /// Through a real socket, however the peer's writes split heads and bodies and however
+    /// small hyper's reads: the bytes read are what `feed` makes of the whole stream.
+    #[tokio::test]
+    async fn reads_through_a_socket_match_the_framing_whatever_the_split() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let honest: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let attack: &[u8] = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n";
+        let stream = [honest, attack].concat();
+        let (want, refused) = run(&[&stream]);
+        assert_eq!((want[honest.len()], refused), (1, 1));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for split in [1, 20, 47, 52, 60, honest.len() + 3, honest.len() + 40, stream.len() - 2] {
+            for read_size in [3, 16 * 1024] {
+                let sent = stream.clone();
+                let writer = tokio::spawn(async move {
+                    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    c.set_nodelay(true).unwrap();
+                    c.write_all(&sent[..split]).await.unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    c.write_all(&sent[split..]).await.unwrap();
+                });
+                let (sock, _) = listener.accept().await.unwrap();
+                let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let c = counted.clone();
+                let on_refused = Box::new(move || {
+                    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                });
+                let mut guarded = Guarded::new(sock, 64 * 1024, 100, on_refused);
+                let mut got = Vec::new();
+                let mut chunk = vec![0u8; read_size];
+                loop {
+                    let n = guarded.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                }
+                writer.await.unwrap();
+                assert_eq!(got, want, "split at {split}, reads of {read_size}");
+                assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 1, "split at {split}");
+            }
+        }
     }
 
     #[test]
