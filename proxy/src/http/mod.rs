@@ -86,7 +86,7 @@ impl Exchange {
             port: dst_addr.port(),
             mtls: false,
             policy: "-".to_owned(),
-            method: parts.method.to_string(),
+            method: parts.method.as_str().to_owned(),
             path: parts.uri.path().to_owned(),
             authority: authority.to_owned(),
             request_id: String::new(),
