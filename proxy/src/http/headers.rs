@@ -63,13 +63,20 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
-/// The request's `x-request-id`, generated (UUID v4) when absent or unreadable.
+/// The request's `x-request-id`, generated (UUID v4) when absent or unreadable. The value is
+/// marked sensitive, which HTTP/2 encodes as never indexed: a value unique to each request
+/// would otherwise enter HPACK's dynamic table on every request and push out the headers that
+/// repeat (authority, path, user agent).
 pub fn ensure_request_id(h: &mut HeaderMap) -> String {
-    if let Some(id) = h.get(REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()) {
-        return id.to_owned();
+    if let Some(v) = h.get_mut(REQUEST_ID)
+        && let Some(id) = v.to_str().ok().filter(|v| !v.is_empty()).map(str::to_owned)
+    {
+        v.set_sensitive(true);
+        return id;
     }
     let id = uuid_v4();
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    if let Ok(mut v) = HeaderValue::from_str(&id) {
+        v.set_sensitive(true);
         h.insert(REQUEST_ID, v);
     }
     id
@@ -250,6 +257,7 @@ mod tests {
             }
         }
         assert_eq!(ensure_request_id(&mut h), id);
+        assert!(h[REQUEST_ID].is_sensitive());
         assert_ne!(ensure_request_id(&mut HeaderMap::new()), id);
         // Ids drawn over several refills of the per-thread pool are all different.
         let ids: std::collections::HashSet<String> =
