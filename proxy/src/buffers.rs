@@ -84,6 +84,16 @@ impl<T> ReadAhead<T> {
     }
 }
 
+/// Bytes read ahead are ready at once; otherwise the socket says.
+impl<T: crate::http::server::Readiness> crate::http::server::Readiness for ReadAhead<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.ahead.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        self.io.poll_read_ready(cx)
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,

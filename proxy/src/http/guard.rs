@@ -226,6 +226,28 @@ impl<I> Guarded<I> {
     }
 }
 
+impl<I> Guarded<I> {
+    /// At a request boundary with nothing held: what hyper read so far ends with a whole
+    /// message (or nothing was read at all). False once the guard stops following.
+    pub fn at_rest(&self) -> bool {
+        self.framing.state == State::Head && self.framing.held.is_empty() && self.ready.is_empty()
+    }
+
+    /// Lets go of the buffers' memory while they are empty (a connection between requests).
+    pub fn shed(&mut self) {
+        if self.ready.is_empty() {
+            self.ready = BytesMut::new();
+        }
+        if self.framing.held.is_empty() {
+            self.framing.held = BytesMut::new();
+        }
+    }
+
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
+}
+
 impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,

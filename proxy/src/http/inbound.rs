@@ -11,8 +11,6 @@ use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use keycard_config::SpiffeId;
 use keycard_config::http::normalize_path;
 use keycard_config::policy::authz::{Attributes, HttpAttributes};
@@ -42,7 +40,7 @@ pub struct Peer {
 pub struct InboundHttp {
     shared: Arc<Shared>,
     port: Arc<InboundPort>,
-    builder: auto::Builder<TokioExecutor>,
+    builder: super::server::Server,
     app: Arc<AppPool>,
     metrics: Arc<RequestMetrics>,
     connections: prometheus::IntCounter,
@@ -60,7 +58,7 @@ impl InboundHttp {
     /// Serves one downstream connection (already past mutual TLS and the mode check).
     pub async fn serve_conn<I>(self: &Arc<Self>, io: I, peer: Peer)
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + super::server::Readiness + Unpin + Send + 'static,
     {
         let shared = &self.shared;
         self.connections.inc();

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use keycard_config::sidecar::Upstream;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -27,7 +26,7 @@ pub struct OutboundHttp {
     route: watch::Receiver<Route>,
     pool: Pool,
     upgrade_tls: ConfigCache,
-    builder: auto::Builder<TokioExecutor>,
+    builder: super::server::Server,
     metrics: Arc<RequestMetrics>,
     connections: prometheus::IntCounter,
 }

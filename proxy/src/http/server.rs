@@ -1,33 +1,51 @@
 //! Serving HTTP on one downstream connection (HTTP/1.1 with upgrades, or HTTP/2 by its preface),
 //! with the limits of `http:` in the sidecar config, an idle deadline, graceful close on drain.
+//!
+//! An HTTP/1.1 connection between requests holds no HTTP state: once hyper has written and
+//! flushed every response, has no request in hand and its read found nothing, the connection is
+//! taken back from hyper (`into_parts`) and waits for its socket to become readable with no
+//! buffer, then a fresh hyper connection serves the next request. hyper keeps an 8 KiB read and
+//! an 8 KiB write buffer for a connection's whole life; an idle keep-alive client of the
+//! outbound sidecar cost about 25 KiB with them, and costs a few hundred bytes without.
+//! Between requests hyper's own state is that of a new connection, so nothing is lost.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
+use bytes::{Buf as _, Bytes};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use keycard_config::sidecar::HttpSettings;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::body::Body;
+use super::guard::Guarded;
+use super::sniff::{self, Rewind, Sniffed};
 
-/// The hyper server for downstream connections. HTTP/2 keeps h2's defences against rapid reset
+/// The hyper servers for downstream connections. HTTP/2 keeps h2's defences against rapid reset
 /// (at most 20 pending resets, 1024 locally caused) and sends keep-alive pings.
-pub fn builder(s: &HttpSettings) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
+pub struct Server {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+pub fn builder(s: &HttpSettings) -> Server {
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(s.header_timeout)
         .max_headers(s.max_headers)
         .max_buf_size(s.max_header_bytes.max(8192))
         .keep_alive(true);
-    b.http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(s.max_concurrent_streams)
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
@@ -35,14 +53,42 @@ pub fn builder(s: &HttpSettings) -> auto::Builder<TokioExecutor> {
         .max_local_error_reset_streams(1024)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    b
+    Server { http1, http2 }
+}
+
+/// A downstream stream that can say, without reading, when a read would not block: what an
+/// HTTP/1.1 connection between requests waits on. Only meaningful after a read returned
+/// `Pending` (so nothing is buffered above the socket).
+pub trait Readiness {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+}
+
+impl Readiness for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl<S: Readiness> Readiness for Box<S> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
+/// rustls holds no plaintext once a read through it returned `Pending` (tokio-rustls reads the
+/// socket until it would block and decrypts what came), so the socket's readiness is the stream's.
+impl<S: Readiness> Readiness for tokio_rustls::server::TlsStream<S> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_ref().0.poll_read_ready(cx)
+    }
 }
 
 /// Serves `io` until it closes, `idle` passes with no bytes either way, `stopping` asks for a
-/// graceful close (in-flight requests finish), or `kill` ends it at once.
+/// graceful close (in-flight requests finish), or `kill` ends it at once. Returns how many times
+/// the connection rested between HTTP/1.1 requests without hyper's state.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<I, S>(
-    builder: &auto::Builder<TokioExecutor>,
+    server: &Server,
     settings: &HttpSettings,
     on_smuggling: Box<dyn Fn() + Send + Sync>,
     io: I,
@@ -50,50 +96,147 @@ pub async fn serve<I, S>(
     idle: Duration,
     stopping: CancellationToken,
     kill: CancellationToken,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+) -> u32
+where
+    I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
     S: Service<hyper::Request<Incoming>, Response = hyper::Response<Body>, Error = std::convert::Infallible>
         + Send
         + 'static,
     S::Future: Send + 'static,
 {
     let activity = Arc::new(Activity::new());
-    let io = super::guard::Guarded::new(io, settings.max_header_bytes, settings.max_headers, on_smuggling);
-    let io = Active { inner: io, activity: activity.clone() };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let mut graceful = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "http connection ended with an error");
+    let mut rests = 0;
+    let mut inner = Rewind::new(io);
+    // The first bytes say HTTP/2 (its preface) or HTTP/1; they are replayed to hyper. Read, not
+    // waited for: after a TLS handshake they may already sit decrypted in rustls.
+    let sniffed = tokio::select! {
+        s = sniff::read(&mut inner, idle) => s,
+        () = stopping.cancelled() => return rests,
+        () = kill.cancelled() => return rests,
+    };
+    if sniffed == Sniffed::Timeout {
+        return rests;
+    }
+    let guarded = Guarded::new(inner, settings.max_header_bytes, settings.max_headers, on_smuggling);
+    let mut io = Active { inner: guarded, leftover: Bytes::new(), activity: activity.clone() };
+    activity.touch();
+    if sniffed == Sniffed::Http2 {
+        let conn = server.http2.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut graceful = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "http connection ended with an error");
+                    }
+                    return rests;
                 }
-                return;
+                () = stopping.cancelled(), if !graceful => {
+                    conn.as_mut().graceful_shutdown();
+                    graceful = true;
+                }
+                () = kill.cancelled() => return rests,
+                () = activity.idle_for(idle) => return rests,
             }
-            () = stopping.cancelled(), if !graceful => {
-                conn.as_mut().graceful_shutdown();
-                graceful = true;
+        }
+    }
+    let mut service = Tracked { inner: service, activity: activity.clone() };
+    loop {
+        // Boxed: the suspended connection below must not keep a slot of hyper's size.
+        let mut conn = Box::pin(server.http1.serve_connection(TokioIo::new(io), service).with_upgrades());
+        let mut graceful = false;
+        loop {
+            tokio::select! {
+                r = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Pending if activity.between_requests() => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }) => match r {
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "http connection ended with an error");
+                        return rests;
+                    }
+                    Some(Ok(())) => return rests,
+                    None => break,
+                },
+                () = stopping.cancelled(), if !graceful => {
+                    conn.as_mut().graceful_shutdown();
+                    graceful = true;
+                }
+                () = kill.cancelled() => return rests,
+                () = activity.idle_for(idle) => return rests,
             }
-            () = kill.cancelled() => return,
-            () = activity.idle_for(idle) => return,
+        }
+        // Idle between requests: take the stream back and drop hyper's state.
+        let Some(parts) = (*Pin::into_inner(conn)).into_parts() else {
+            return rests; // upgraded: the stream is the upgrade's now
+        };
+        if graceful {
+            return rests;
+        }
+        rests += 1;
+        (io, service) = (parts.io.into_inner(), parts.service);
+        io.leftover = parts.read_buf;
+        io.inner.shed();
+        if io.leftover.is_empty()
+            && !wait_readable(io.inner.get_ref(), &activity, idle, &stopping, &kill).await
+        {
+            return rests;
         }
     }
 }
 
-/// When bytes last moved, as milliseconds since the connection started.
+/// Waits until `io` is readable; false when the connection should end instead (idle deadline,
+/// drain, kill, or an error on the socket).
+async fn wait_readable<R: Readiness>(
+    io: &R,
+    activity: &Activity,
+    idle: Duration,
+    stopping: &CancellationToken,
+    kill: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        r = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => r.is_ok(),
+        () = stopping.cancelled() => false,
+        () = kill.cancelled() => false,
+        () = activity.idle_for(idle) => false,
+    }
+}
+
+/// When bytes last moved, as milliseconds since the connection started, and what the HTTP/1.1
+/// connection is doing (for [`until_idle`]). Touched only from the connection's own task.
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// The last read found nothing, with the guard at a message boundary (hyper then has a
+    /// request in hand anyway, counted below, unless the guard has stopped following).
+    parked: AtomicBool,
+    /// Bytes were written since the last completed flush.
+    unflushed: AtomicBool,
+    /// Requests taken whose response body hyper has not yet dropped.
+    in_flight: AtomicU32,
 }
 
 impl Activity {
     fn new() -> Self {
-        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
+            in_flight: AtomicU32::new(0),
+        }
     }
 
     fn touch(&self) {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn between_requests(&self) -> bool {
+        self.parked.load(Ordering::Relaxed)
+            && !self.unflushed.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
     }
 
     /// Completes once no byte has moved for `idle`.
@@ -109,9 +252,11 @@ impl Activity {
     }
 }
 
-/// Records activity on every read or write that moves bytes.
+/// The stream as hyper sees it: records activity on every read or write that moves bytes, and
+/// whether hyper is at rest; replays what hyper had read but not parsed when it was set aside.
 struct Active<I> {
-    inner: I,
+    inner: Guarded<Rewind<I>>,
+    leftover: Bytes,
     activity: Arc<Activity>,
 }
 
@@ -121,10 +266,20 @@ impl<I: AsyncRead + Unpin> AsyncRead for Active<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if !this.leftover.is_empty() {
+            let n = this.leftover.len().min(buf.remaining());
+            buf.put_slice(&this.leftover[..n]);
+            this.leftover.advance(n);
+            this.activity.parked.store(false, Ordering::Relaxed);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let parked = r.is_pending() && this.inner.at_rest();
+        this.activity.parked.store(parked, Ordering::Relaxed);
         if buf.filled().len() > before {
-            self.activity.touch();
+            this.activity.touch();
         }
         r
     }
@@ -132,6 +287,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Active<I> {
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Active<I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.activity.unflushed.store(true, Ordering::Relaxed);
         let r = Pin::new(&mut self.inner).poll_write(cx, b);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -144,6 +300,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Active<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        self.activity.unflushed.store(true, Ordering::Relaxed);
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -156,10 +313,288 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Active<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        if r.is_ok() {
+            self.activity.unflushed.store(false, Ordering::Relaxed);
+        }
+        Poll::Ready(r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The service with its requests counted from the call until hyper drops the response body
+/// (which it does once the body's end is written, or the connection fails).
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+// Generic over the body (not `Body`): with the boxed body's `dyn Error` named in these bounds,
+// rustc cannot prove the connection's task `Send` for every lifetime it erases.
+impl<S, B> Service<hyper::Request<Incoming>> for Tracked<S>
+where
+    S: Service<hyper::Request<Incoming>, Response = hyper::Response<B>>,
+{
+    type Response = hyper::Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+        let in_flight = InFlight::new(&self.activity);
+        TrackedFuture { inner: self.inner.call(req), in_flight: Some(in_flight) }
+    }
+}
+
+/// One request counted in [`Activity::in_flight`] while it lives.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<hyper::Response<B>, E>>,
+{
+    type Output = Result<hyper::Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = ready!(this.inner.poll(cx))?;
+        let in_flight = this.in_flight.take();
+        Poll::Ready(Ok(resp.map(|body| TrackedBody { inner: body, _in_flight: in_flight })))
+    }
+}
+
+/// A response body that keeps its request counted until hyper drops it.
+pub struct TrackedBody<B> {
+    inner: B,
+    _in_flight: Option<InFlight>,
+}
+
+impl<B: HttpBody + Unpin> HttpBody for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+
+    use http_body_util::BodyExt as _;
+    use hyper::service::service_fn;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    /// A response body that sends its chunks `gap` apart (an app that streams slowly).
+    struct Slow {
+        chunks: VecDeque<Bytes>,
+        gap: Duration,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl HttpBody for Slow {
+        type Data = Bytes;
+        type Error = super::super::body::BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let gap = self.gap;
+            let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+            ready!(sleep.as_mut().poll(cx));
+            self.sleep = None;
+            Poll::Ready(self.chunks.pop_front().map(|c| Ok(Frame::data(c))))
+        }
+    }
+
+    /// Answers `/slow` with three chunks 150 ms apart, anything else with the method, path and
+    /// request body size.
+    async fn answer(req: hyper::Request<Incoming>) -> Result<hyper::Response<Body>, Infallible> {
+        if req.uri().path() == "/slow" {
+            let chunks = [&b"one,"[..], b"two,", b"three"].into_iter().map(Bytes::from_static).collect();
+            let body = Slow { chunks, gap: Duration::from_millis(150), sleep: None };
+            return Ok(hyper::Response::new(body.boxed_unsync()));
+        }
+        let line = format!("{} {}", req.method(), req.uri().path());
+        let n = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(usize::MAX);
+        Ok(hyper::Response::new(super::super::body::full(format!("{line} {n}"))))
+    }
+
+    struct Served {
+        addr: std::net::SocketAddr,
+        stopping: CancellationToken,
+        task: JoinHandle<u32>,
+    }
+
+    /// One connection served on a fresh listener with `idle` as its idle deadline.
+    async fn serve_one(idle: Duration) -> Served {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stopping = CancellationToken::new();
+        let stop = stopping.clone();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let settings = HttpSettings::default();
+            let server = builder(&settings);
+            let svc = service_fn(answer);
+            serve(&server, &settings, Box::new(|| {}), tcp, svc, idle, stop, CancellationToken::new()).await
+        });
+        Served { addr, stopping, task }
+    }
+
+    /// Reads until what arrived contains `want`.
+    async fn read_until(c: &mut TcpStream, want: &str) -> String {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(want) {
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| panic!("bytes within 5 s after {:?}", String::from_utf8_lossy(&got)))
+                .unwrap();
+            assert!(n > 0, "closed early after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    async fn closed(c: &mut TcpStream) -> bool {
+        let mut rest = Vec::new();
+        matches!(tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await, Ok(Ok(0)))
+    }
+
+    #[tokio::test]
+    async fn keep_alive_requests_rest_between_them_and_every_one_is_answered() {
+        let s = serve_one(Duration::from_secs(30)).await;
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        for i in 0..3 {
+            c.write_all(format!("GET /seq/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            let r = read_until(&mut c, &format!("GET /seq/{i} 0")).await;
+            assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+            assert!(!r.to_ascii_lowercase().contains("connection: close"), "{r}");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        // A body that comes in two writes, the second after the connection could have rested.
+        c.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.write_all(b"world").await.unwrap();
+        read_until(&mut c, "POST /upload 10").await;
+        // A head split across writes.
+        c.write_all(b"GET /spl").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.write_all(b"it HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        read_until(&mut c, "GET /split 0").await;
+        drop(c);
+        let rests = s.task.await.unwrap();
+        assert!(rests >= 5, "the connection rested {rests} times between 5 requests");
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order() {
+        let s = serve_one(Duration::from_secs(30)).await;
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        let two = "GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.1\r\nHost: x\r\n\r\n";
+        c.write_all(two.as_bytes()).await.unwrap();
+        let r = read_until(&mut c, "GET /c 0").await;
+        let (a, b) = (r.find("GET /a 0").unwrap(), r.find("POST /b 3").unwrap());
+        assert!(a < b && b < r.find("GET /c 0").unwrap(), "{r}");
+        c.write_all(b"GET /d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        read_until(&mut c, "GET /d 0").await;
+        assert!(closed(&mut c).await, "a request asking to close closes the connection");
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_slow_response_body_is_not_cut_by_resting() {
+        let s = serve_one(Duration::from_secs(30)).await;
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let r = read_until(&mut c, "\r\n0\r\n\r\n").await;
+        assert!(r.contains("one,") && r.contains("two,") && r.contains("three"), "{r}");
+        c.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        read_until(&mut c, "GET /after 0").await;
+        drop(c);
+        assert!(s.task.await.unwrap() >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_resting_connection_still_meets_its_idle_deadline_and_drain() {
+        let s = serve_one(Duration::from_millis(300)).await;
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        read_until(&mut c, "GET /x 0").await;
+        let started = Instant::now();
+        assert!(closed(&mut c).await, "closed at the idle deadline");
+        assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+        assert_eq!(s.task.await.unwrap(), 1);
+
+        let s = serve_one(Duration::from_secs(30)).await;
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(b"GET /y HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        read_until(&mut c, "GET /y 0").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.stopping.cancel();
+        assert!(closed(&mut c).await, "drain closes a connection between requests");
+        assert_eq!(s.task.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn http2_by_its_preface_is_still_served() {
+        let s = serve_one(Duration::from_secs(30)).await;
+        let tcp = TcpStream::connect(s.addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        for path in ["/h2/1", "/h2/2"] {
+            let req = hyper::Request::get(format!("http://x{path}"))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, format!("GET {path} 0"));
+        }
+        drop(send);
+        assert_eq!(s.task.await.unwrap(), 0, "HTTP/2 connections are served whole");
     }
 }

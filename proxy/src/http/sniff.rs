@@ -123,6 +123,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     }
 }
 
+/// Bytes to replay are ready at once; otherwise the stream below says.
+impl<S: super::server::Readiness> super::server::Readiness for Rewind<S> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_read_ready(cx)
+    }
+}
+
 super::delegate_write!(Rewind, inner);
 
 #[cfg(test)]
