@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf as _, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt as _, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -115,8 +115,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     ) -> Poll<std::io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(out.remaining());
-            let head = self.prefix.split_to(n);
-            out.put_slice(&head);
+            out.put_slice(&self.prefix[..n]);
+            if n == self.prefix.len() {
+                // Let go of the storage: an emptied `Bytes` would keep it for the connection's life.
+                self.prefix = Bytes::new();
+            } else {
+                self.prefix.advance(n);
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, out)
