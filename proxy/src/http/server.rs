@@ -6,7 +6,7 @@
 //! taken back from hyper (`into_parts`) and waits for its socket to become readable with no
 //! buffer, then a fresh hyper connection serves the next request. hyper keeps an 8 KiB read and
 //! an 8 KiB write buffer for a connection's whole life; an idle keep-alive client of the
-//! outbound sidecar cost about 25 KiB with them, and costs a few hundred bytes without.
+//! outbound sidecar cost 25.2 KiB with them and 10.3 KiB without (`bench/`, 5,000 idle clients).
 //! Between requests hyper's own state is that of a new connection, so nothing is lost.
 
 use std::pin::Pin;
