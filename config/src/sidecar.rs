@@ -69,6 +69,12 @@ pub struct HttpSettings {
     /// A pooled connection with this many requests in flight makes the pool open another
     /// (up to `pool_max_connections`). Default 100.
     pub pool_streams_per_connection: usize,
+    /// A downstream HTTP/1.1 connection between requests with no byte moved for this long lets
+    /// go of its HTTP state and buffers (about 16 KiB) until its next request; a busy keep-alive
+    /// connection keeps them and does not pay to set them up again. `0s` rests after every
+    /// response. Default 100 ms.
+    #[serde(with = "duration")]
+    pub rest_after: Duration,
 }
 
 impl Default for HttpSettings {
@@ -82,6 +88,7 @@ impl Default for HttpSettings {
             max_concurrent_streams: 100,
             pool_max_connections: 4,
             pool_streams_per_connection: 100,
+            rest_after: Duration::from_millis(100),
         }
     }
 }

@@ -1,14 +1,17 @@
 //! Serving HTTP on one downstream connection (HTTP/1.1 with upgrades, or HTTP/2 by its preface),
 //! with the limits of `http:` in the sidecar config, an idle deadline, graceful close on drain.
 //!
-//! An HTTP/1.1 connection between requests holds no HTTP state: once hyper has written and
-//! flushed every response, has no request in hand and its read found nothing, the connection is
-//! taken back from hyper (`into_parts`) and waits for its socket to become readable with no
-//! buffer, then a fresh hyper connection serves the next request. hyper keeps an 8 KiB read and
-//! an 8 KiB write buffer for a connection's whole life; an idle keep-alive client of the
-//! outbound sidecar cost 25.2 KiB with them and 10.3 KiB without, 8.8 KiB once the empty read
-//! buffer hyper hands back is let go too and the HTTP/2 branch is boxed (`bench/`, 5,000 idle
-//! clients; the last figure from a quick run on another machine).
+//! An HTTP/1.1 connection that has gone quiet between requests holds no HTTP state: once no
+//! byte has moved for `http.rest_after` (100 ms by default) and hyper has written and flushed
+//! every response, has no request in hand and its read found nothing, the connection is taken
+//! back from hyper (`into_parts`) and waits for its socket to become readable with no buffer,
+//! then a fresh hyper connection serves the next request. hyper keeps an 8 KiB read and an 8 KiB
+//! write buffer for a connection's whole life; an idle keep-alive client of the outbound sidecar
+//! cost 25.2 KiB with them and 10.3 KiB without, 8.8 KiB once the empty read buffer hyper hands
+//! back is let go too and the HTTP/2 branch is boxed (`bench/`, 5,000 idle clients; the last
+//! figure from a quick run on another machine). A busy keep-alive connection keeps hyper's
+//! state: setting it up again after every response cost the outbound sidecar about 8,000
+//! instructions a request (`bench/callgrind`).
 //! Between requests hyper's own state is that of a new connection, so nothing is lost.
 
 use std::pin::Pin;
@@ -36,6 +39,7 @@ use super::sniff::{self, Rewind, Sniffed};
 pub struct Server {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    rest_after: Duration,
 }
 
 pub fn builder(s: &HttpSettings) -> Server {
@@ -55,7 +59,7 @@ pub fn builder(s: &HttpSettings) -> Server {
         .max_local_error_reset_streams(1024)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    Server { http1, http2 }
+    Server { http1, http2, rest_after: s.rest_after }
 }
 
 /// A downstream stream that can say, without reading, when a read would not block: what an
@@ -133,11 +137,14 @@ where
         // Boxed: the suspended connection below must not keep a slot of hyper's size.
         let mut conn = Box::pin(server.http1.serve_connection(TokioIo::new(io), service).with_upgrades());
         let mut graceful = false;
+        // Set once no byte has moved for `rest_after`; the connection then rests as soon as it
+        // is between requests (at once, unless a request is still in hand).
+        let mut rest_due = server.rest_after.is_zero();
         loop {
             tokio::select! {
                 r = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
                     Poll::Ready(r) => Poll::Ready(Some(r)),
-                    Poll::Pending if activity.between_requests() => Poll::Ready(None),
+                    Poll::Pending if rest_due && activity.between_requests() => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
                 }) => match r {
                     Some(Err(e)) => {
@@ -147,6 +154,7 @@ where
                     Some(Ok(())) => return rests,
                     None => break,
                 },
+                () = activity.idle_for(server.rest_after), if !rest_due => rest_due = true,
                 () = stopping.cancelled(), if !graceful => {
                     conn.as_mut().graceful_shutdown();
                     graceful = true;
@@ -155,7 +163,7 @@ where
                 () = activity.idle_for(idle) => return rests,
             }
         }
-        // Idle between requests: take the stream back and drop hyper's state.
+        // Quiet between requests: take the stream back and drop hyper's state.
         let Some(parts) = (*Pin::into_inner(conn)).into_parts() else {
             return rests; // upgraded: the stream is the upgrade's now
         };
@@ -495,15 +503,16 @@ mod tests {
         task: JoinHandle<u32>,
     }
 
-    /// One connection served on a fresh listener with `idle` as its idle deadline.
-    async fn serve_one(idle: Duration) -> Served {
+    /// One connection served on a fresh listener with `idle` as its idle deadline, resting once
+    /// quiet for `rest_after`.
+    async fn serve_one(idle: Duration, rest_after: Duration) -> Served {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stopping = CancellationToken::new();
         let stop = stopping.clone();
         let task = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let settings = HttpSettings::default();
+            let settings = HttpSettings { rest_after, ..HttpSettings::default() };
             let server = builder(&settings);
             let svc = service_fn(answer);
             serve(&server, &settings, Box::new(|| {}), tcp, svc, idle, stop, CancellationToken::new()).await
@@ -533,7 +542,7 @@ mod tests {
 
     #[tokio::test]
     async fn keep_alive_requests_rest_between_them_and_every_one_is_answered() {
-        let s = serve_one(Duration::from_secs(30)).await;
+        let s = serve_one(Duration::from_secs(30), Duration::ZERO).await;
         let mut c = TcpStream::connect(s.addr).await.unwrap();
         for i in 0..3 {
             c.write_all(format!("GET /seq/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
@@ -559,7 +568,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipelined_requests_are_answered_in_order() {
-        let s = serve_one(Duration::from_secs(30)).await;
+        let s = serve_one(Duration::from_secs(30), Duration::ZERO).await;
         let mut c = TcpStream::connect(s.addr).await.unwrap();
         let two = "GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.1\r\nHost: x\r\n\r\n";
         c.write_all(two.as_bytes()).await.unwrap();
@@ -574,20 +583,39 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_response_body_is_not_cut_by_resting() {
-        let s = serve_one(Duration::from_secs(30)).await;
+        // At once, and with the connection going quiet (150 ms gaps) in the middle of the body.
+        for rest_after in [Duration::ZERO, Duration::from_millis(100)] {
+            let s = serve_one(Duration::from_secs(30), rest_after).await;
+            let mut c = TcpStream::connect(s.addr).await.unwrap();
+            c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+            let r = read_until(&mut c, "\r\n0\r\n\r\n").await;
+            assert!(r.contains("one,") && r.contains("two,") && r.contains("three"), "{r}");
+            c.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+            read_until(&mut c, "GET /after 0").await;
+            drop(c);
+            assert!(s.task.await.unwrap() >= 1, "rest_after {rest_after:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_keep_alive_connection_rests_only_once_it_goes_quiet() {
+        let s = serve_one(Duration::from_secs(30), Duration::from_secs(1)).await;
         let mut c = TcpStream::connect(s.addr).await.unwrap();
-        c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-        let r = read_until(&mut c, "\r\n0\r\n\r\n").await;
-        assert!(r.contains("one,") && r.contains("two,") && r.contains("three"), "{r}");
-        c.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-        read_until(&mut c, "GET /after 0").await;
+        for i in 0..5 {
+            c.write_all(format!("GET /busy/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            read_until(&mut c, &format!("GET /busy/{i} 0")).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c.write_all(b"GET /after-quiet HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        read_until(&mut c, "GET /after-quiet 0").await;
         drop(c);
-        assert!(s.task.await.unwrap() >= 1);
+        let rests = s.task.await.unwrap();
+        assert_eq!(rests, 1, "five back-to-back requests, then one quiet second and a half");
     }
 
     #[tokio::test]
     async fn a_resting_connection_still_meets_its_idle_deadline_and_drain() {
-        let s = serve_one(Duration::from_millis(300)).await;
+        let s = serve_one(Duration::from_millis(300), Duration::from_millis(100)).await;
         let mut c = TcpStream::connect(s.addr).await.unwrap();
         c.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         read_until(&mut c, "GET /x 0").await;
@@ -596,7 +624,7 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
         assert_eq!(s.task.await.unwrap(), 1);
 
-        let s = serve_one(Duration::from_secs(30)).await;
+        let s = serve_one(Duration::from_secs(30), Duration::ZERO).await;
         let mut c = TcpStream::connect(s.addr).await.unwrap();
         c.write_all(b"GET /y HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         read_until(&mut c, "GET /y 0").await;
@@ -608,7 +636,7 @@ mod tests {
 
     #[tokio::test]
     async fn http2_by_its_preface_is_still_served() {
-        let s = serve_one(Duration::from_secs(30)).await;
+        let s = serve_one(Duration::from_secs(30), Duration::ZERO).await;
         let tcp = TcpStream::connect(s.addr).await.unwrap();
         let (mut send, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
