@@ -69,10 +69,10 @@ pub struct HttpSettings {
     /// A pooled connection with this many requests in flight makes the pool open another
     /// (up to `pool_max_connections`). Default 100.
     pub pool_streams_per_connection: usize,
-    /// A downstream HTTP/1.1 connection between requests with no byte moved for this long lets
-    /// go of its HTTP state and buffers (about 16 KiB) until its next request; a busy keep-alive
-    /// connection keeps them and does not pay to set them up again. `0s` rests after every
-    /// response. Default 100 ms.
+    /// A downstream HTTP/1.1 keep-alive connection whose requests come less than this apart keeps
+    /// its HTTP state and buffers (about 16 KiB) between them, until no byte has moved for this
+    /// long; a new or quiet connection lets go of them after every response. `0s`: always let go.
+    /// Default 100 ms.
     #[serde(with = "duration")]
     pub rest_after: Duration,
 }
