@@ -1,17 +1,17 @@
 //! Serving HTTP on one downstream connection (HTTP/1.1 with upgrades, or HTTP/2 by its preface),
 //! with the limits of `http:` in the sidecar config, an idle deadline, graceful close on drain.
 //!
-//! An HTTP/1.1 connection that has gone quiet between requests holds no HTTP state: once no
-//! byte has moved for `http.rest_after` (100 ms by default) and hyper has written and flushed
-//! every response, has no request in hand and its read found nothing, the connection is taken
-//! back from hyper (`into_parts`) and waits for its socket to become readable with no buffer,
-//! then a fresh hyper connection serves the next request. hyper keeps an 8 KiB read and an 8 KiB
-//! write buffer for a connection's whole life; an idle keep-alive client of the outbound sidecar
-//! cost 25.2 KiB with them and 10.3 KiB without, 8.8 KiB once the empty read buffer hyper hands
-//! back is let go too and the HTTP/2 branch is boxed (`bench/`, 5,000 idle clients; the last
-//! figure from a quick run on another machine). A busy keep-alive connection keeps hyper's
-//! state: setting it up again after every response cost the outbound sidecar about 8,000
-//! instructions a request (`bench/callgrind`).
+//! An HTTP/1.1 connection that is new or quiet holds no HTTP state between requests: once hyper
+//! has written and flushed every response, has no request in hand and its read found nothing
+//! (at once after its first response, or after a request that came more than `http.rest_after`,
+//! 100 ms by default, after the last byte; otherwise once no byte has moved for that long), the
+//! connection is taken back from hyper (`into_parts`) and waits for its socket to become readable
+//! with no buffer, then a fresh hyper connection serves the next request. hyper keeps an 8 KiB
+//! read and an 8 KiB write buffer for a connection's whole life; an idle keep-alive client of the
+//! outbound sidecar cost 25.2 KiB with them and 10.3 KiB without, 8.8 KiB once the empty read
+//! buffer hyper hands back is let go too and the HTTP/2 branch is boxed (`bench/`, 5,000 idle
+//! clients). A busy keep-alive connection keeps hyper's state: setting it up again after every
+//! response cost the outbound sidecar about 8,000 instructions a request (`bench/callgrind`).
 //! Between requests hyper's own state is that of a new connection, so nothing is lost.
 
 use std::pin::Pin;
