@@ -42,6 +42,28 @@ pub struct SidecarConfig {
     pub limits: Limits,
     #[serde(default)]
     pub http: HttpSettings,
+    #[serde(default)]
+    pub tls: TlsSettings,
+}
+
+/// TLS handling beyond what PeerAuthentication and DestinationRules say.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// Kernel TLS for mesh L4 connections once their handshake is done: `auto` (the default) hands
+    /// record encryption to the kernel where it offers the `tls` module and the negotiated cipher
+    /// (probed at start), so both legs are spliced without entering user space; elsewhere, and
+    /// with `off`, rustls keeps the connection.
+    pub kernel_offload: KernelOffload,
+}
+
+/// See [`TlsSettings::kernel_offload`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelOffload {
+    #[default]
+    Auto,
+    Off,
 }
 
 /// HTTP handling (ports whose protocol is HTTP, declared or detected).

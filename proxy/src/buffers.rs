@@ -9,6 +9,12 @@
 //! serves rustls' small reads from memory; its buffer goes back to the spare list as soon as it is
 //! drained. (tokio's `BufReader` would do the reading, but it keeps its buffer for the connection's
 //! whole life: 64 KiB per idle connection.)
+//!
+//! A connection that may move to kernel TLS after its handshake ([`crate::ktls`]) is read
+//! record by record instead ([`ReadAhead::record_exact`]): every TLS record header, then exactly
+//! its body, so when the handshake ends no byte past its last record has left the socket and the
+//! kernel can take the stream from there. That costs two `read(2)` calls per handshake record;
+//! [`ReadAhead::read_ahead_again`] returns a connection that stays with rustls to reading ahead.
 
 use std::cell::RefCell;
 use std::io::IoSlice;
@@ -62,11 +68,75 @@ pub struct ReadAhead<T> {
     io: T,
     /// Bytes read from `io` and not yet handed out: buffer, start, end.
     ahead: Option<(Box<[u8]>, usize, usize)>,
+    /// Record by record: where the reader is in the current record.
+    exact: Option<RecordCursor>,
+}
+
+/// The length of a TLS record header: type, version, length.
+const RECORD_HEADER: usize = 5;
+
+/// Where a record-exact reader stands: inside a header (`header_got` of its bytes seen) or
+/// inside a body (`body_left` bytes still to read).
+#[derive(Debug, Default, Clone, Copy)]
+struct RecordCursor {
+    header: [u8; RECORD_HEADER],
+    header_got: usize,
+    body_left: usize,
+}
+
+impl RecordCursor {
+    /// How many bytes the next read may take without crossing the current header or body.
+    fn next_read(&self) -> usize {
+        if self.body_left > 0 { self.body_left } else { RECORD_HEADER - self.header_got }
+    }
+
+    /// Accounts for `bytes` just read (never more than [`Self::next_read`]).
+    fn advance(&mut self, bytes: &[u8]) {
+        if self.body_left > 0 {
+            self.body_left -= bytes.len();
+            return;
+        }
+        self.header[self.header_got..self.header_got + bytes.len()].copy_from_slice(bytes);
+        self.header_got += bytes.len();
+        if self.header_got == RECORD_HEADER {
+            self.header_got = 0;
+            self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.header_got == 0 && self.body_left == 0
+    }
 }
 
 impl<T> ReadAhead<T> {
     pub fn new(io: T) -> Self {
-        Self { io, ahead: None }
+        Self { io, ahead: None, exact: None }
+    }
+
+    /// Reads one TLS record at a time and never past it (see the module doc).
+    pub fn record_exact(io: T) -> Self {
+        Self { io, ahead: None, exact: Some(RecordCursor::default()) }
+    }
+
+    /// Back to reading ahead (a connection that stays with rustls).
+    pub fn read_ahead_again(&mut self) {
+        self.exact = None;
+    }
+
+    /// Every byte read from the socket was handed out and the reads stopped at a record
+    /// boundary: true of a record-exact reader between records, never of one reading ahead.
+    pub fn at_record_boundary(&self) -> bool {
+        self.ahead.is_none() && self.exact.is_some_and(|c| c.at_boundary())
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+
+    /// The socket; bytes read ahead and not handed out are lost (see [`Self::at_record_boundary`]).
+    pub fn into_inner(self) -> T {
+        self.io
     }
 
     /// Copies what is buffered into `out`; returns the buffer once drained.
@@ -103,6 +173,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         let this = &mut *self;
         if out.remaining() == 0 {
             return Poll::Ready(Ok(()));
+        }
+        if let Some(cursor) = &mut this.exact {
+            // Only bytes of the current header or body, straight into the reader's buffer.
+            let want = cursor.next_read().min(out.remaining());
+            let mut part = ReadBuf::new(out.initialize_unfilled_to(want));
+            let polled = Pin::new(&mut this.io).poll_read(cx, &mut part);
+            let n = part.filled().len();
+            if let Poll::Ready(Ok(())) = polled {
+                cursor.advance(part.filled());
+                out.advance(n);
+            }
+            return polled;
         }
         if this.ahead.is_some() {
             this.hand_out(out);
@@ -219,6 +301,64 @@ mod tests {
         }
         assert_eq!(total, 40_000);
         assert!(r.ahead.is_none(), "drained: the buffer went back");
+    }
+
+    /// `count` TLS-shaped records (type 23, a body of `i * 97 % 700` bytes) in one buffer.
+    fn records(count: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..count {
+            let len = (i * 97) % 700;
+            out.extend_from_slice(&[23, 3, 3]);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+            out.extend((0..len).map(|j| (i + j) as u8));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_record_exact_reader_never_reads_past_the_record_it_is_in() {
+        let (mut tx, rx) = pair().await;
+        let data = records(40);
+        // Everything is in the socket before the first read: a reading-ahead reader would take it all.
+        tx.write_all(&data).await.expect("write");
+        let mut r = ReadAhead::record_exact(rx);
+        let mut got = Vec::new();
+        for i in 0..40 {
+            let len = (i * 97) % 700;
+            let mut record = vec![0u8; RECORD_HEADER + len];
+            let mut filled = 0;
+            // A reader asking for more than the record (rustls asks for 4 KiB) gets the record only.
+            while filled < record.len() {
+                let mut big = [0u8; 4096];
+                let n = r.read(&mut big).await.expect("read");
+                assert!(n > 0 && filled + n <= record.len(), "record {i}: read {n} past its end");
+                record[filled..filled + n].copy_from_slice(&big[..n]);
+                filled += n;
+            }
+            assert!(r.exact.is_some_and(|c| c.at_boundary()), "after record {i}");
+            got.extend_from_slice(&record);
+        }
+        assert_eq!(got, data);
+        // The socket is still the reader's: nothing is held above it.
+        assert!(r.at_record_boundary());
+        let mut rx = r.into_inner();
+        tx.write_all(b"after").await.expect("write");
+        let mut after = [0u8; 5];
+        rx.read_exact(&mut after).await.expect("read");
+        assert_eq!(&after, b"after");
+    }
+
+    #[tokio::test]
+    async fn a_reader_inside_a_record_or_reading_ahead_keeps_its_socket() {
+        let (mut tx, rx) = pair().await;
+        tx.write_all(&records(3)).await.expect("write");
+        let mut r = ReadAhead::record_exact(rx);
+        let mut two = [0u8; 2];
+        r.read_exact(&mut two).await.expect("read");
+        assert!(!r.at_record_boundary(), "inside a header");
+        let mut ahead = ReadAhead::new(r.into_inner());
+        assert!(ahead.read(&mut two).await.expect("read") > 0);
+        assert!(!ahead.at_record_boundary(), "a reading-ahead reader is never at a known boundary");
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
-use crate::forward::{self, ConnectError};
+use crate::forward::{self, ConnectError, Leg};
 use crate::inbound::PortHandler;
 use crate::outbound::UpstreamHandler;
 use crate::sidecar::{Direction, Shared};
@@ -141,7 +141,13 @@ async fn passthrough(shared: &Shared, app: TcpStream, peer: SocketAddr, dst: Soc
     let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
     shared.record_tcp(&labels, false);
     shared.metrics.active.inc();
-    let t = forward::splice_pipe(app, remote, shared.limits.idle_timeout, shared.drain.child_token()).await;
+    let t = forward::splice_pipe(
+        Leg::plain(app),
+        Leg::plain(remote),
+        shared.limits.idle_timeout,
+        shared.drain.child_token(),
+    )
+    .await;
     shared.metrics.active.dec();
     shared.finish_tcp(&labels, t.forward, t.backward);
     event.log("allow", end_reason(t.end), "", t.backward, t.forward);

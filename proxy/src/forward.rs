@@ -1,7 +1,8 @@
 //! Byte forwarding between two connections: both directions at once, half-close propagated (EOF
 //! on one side shuts down writing on the other), an idle deadline over both directions, and a
-//! cancellation token (policy reload, drain). When both legs are plaintext TCP, [`splice_pipe`]
-//! moves the bytes with `splice(2)` through a pipe instead, without copying them into user space.
+//! cancellation token (policy reload, drain). When both legs are plaintext TCP, or TCP whose TLS
+//! records the kernel seals and opens ([`crate::ktls`]), [`splice_pipe`] moves the bytes with
+//! `splice(2)` through a pipe instead, without copying them into user space.
 //!
 //! Buffers: a direction holds a buffer only while a chunk is between its read and its write, that
 //! is, only when the writer pushed back. The buffer is lent by [`crate::buffers`] and goes back as
@@ -190,9 +191,31 @@ where
     }
 }
 
-/// Plaintext to plaintext: `splice(2)` through a pipe, so the bytes never enter user space.
-/// Same contract as [`pipe`]: both directions, half-close, idle deadline, cancellation.
-pub async fn splice_pipe(a: TcpStream, b: TcpStream, idle: Duration, cancel: CancellationToken) -> Totals {
+/// One leg of a spliced connection.
+pub struct Leg {
+    tcp: TcpStream,
+    /// The kernel seals and opens this leg's TLS records ([`crate::ktls`]).
+    kernel_tls: bool,
+    /// Plaintext already read off this leg, delivered to the other before anything else.
+    early: Vec<u8>,
+}
+
+impl Leg {
+    pub fn plain(tcp: TcpStream) -> Self {
+        Self { tcp, kernel_tls: false, early: Vec::new() }
+    }
+
+    /// A connection handed to the kernel's TLS.
+    pub fn kernel_tls(offloaded: crate::ktls::Offloaded) -> Self {
+        Self { tcp: offloaded.tcp, kernel_tls: true, early: offloaded.early }
+    }
+}
+
+/// `splice(2)` through a pipe each way, so the bytes never enter user space. Same contract as
+/// [`pipe`]: both directions, half-close, idle deadline, cancellation. A kernel-TLS leg ends its
+/// direction with `close_notify`, and one that ends without it (or with another alert) is an
+/// error, as rustls treats it.
+pub async fn splice_pipe(a: Leg, b: Leg, idle: Duration, cancel: CancellationToken) -> Totals {
     let start = Instant::now();
     let activity = AtomicU64::new(0);
     let (fwd, bwd) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -213,47 +236,107 @@ pub async fn splice_pipe(a: TcpStream, b: TcpStream, idle: Duration, cancel: Can
 /// The most one `splice` call moves: the default pipe capacity.
 const SPLICE_CHUNK: usize = 64 * 1024;
 
+/// The largest TLS record's plaintext: a kernel-TLS write of `n` bytes makes at least
+/// `n / RECORD` records.
+const RECORD: u64 = 16 * 1024;
+
 async fn splice_one_way(
-    from: &TcpStream,
-    to: &TcpStream,
+    from: &Leg,
+    to: &Leg,
     count: &AtomicU64,
     activity: &AtomicU64,
     start: Instant,
 ) -> std::io::Result<()> {
     use nix::fcntl::{OFlag, SpliceFFlags, splice};
     use tokio::io::Interest;
+    let (src, dst) = (&from.tcp, &to.tcp);
+    // Records sent toward a kernel-TLS leg under its one key, counted from above.
+    let mut records = 0u64;
+    if !from.early.is_empty() {
+        write_all(dst, &from.early).await?;
+        records += (from.early.len() as u64).div_ceil(RECORD);
+        count.fetch_add(from.early.len() as u64, Ordering::Relaxed);
+    }
     let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
-        from.readable().await?;
-        let n = match from.try_io(Interest::READABLE, || {
-            splice(from, None, &pipe_w, None, SPLICE_CHUNK, flags).map_err(std::io::Error::from)
+        src.readable().await?;
+        let n = match src.try_io(Interest::READABLE, || {
+            splice(src, None, &pipe_w, None, SPLICE_CHUNK, flags).map_err(std::io::Error::from)
         }) {
-            Ok(0) => {
-                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-                return Ok(());
+            Ok(0) if from.kernel_tls => {
+                // The TCP stream ended without close_notify: possibly cut short.
+                let _ = close_write(to).await;
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no close_notify"));
             }
+            Ok(0) => return close_write(to).await,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // A record that is not application data heads the queue (kernel TLS refuses to
+            // splice it): read it with its type.
+            Err(e) if from.kernel_tls && e.raw_os_error() == Some(libc::EINVAL) => {
+                use crate::ktls::Control;
+                match crate::ktls::read_control(src) {
+                    Ok(Control::CloseNotify) => return close_write(to).await,
+                    Ok(Control::Skipped | Control::WouldBlock) => continue,
+                    Ok(Control::Data(bytes)) => {
+                        write_all(dst, &bytes).await?;
+                        records += (bytes.len() as u64).div_ceil(RECORD);
+                        count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = close_write(to).await;
+                        return Err(std::io::Error::other(e));
+                    }
+                }
+            }
             Err(e) => {
-                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                let _ = close_write(to).await;
                 return Err(e);
             }
         };
         let mut left = n;
         while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(&pipe_r, None, to, None, left, flags).map_err(std::io::Error::from)
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(&pipe_r, None, dst, None, left, flags).map_err(std::io::Error::from)
             }) {
-                Ok(m) => left -= m,
+                Ok(m) => {
+                    left -= m;
+                    records += (m as u64).div_ceil(RECORD);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
         activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if to.kernel_tls && records >= crate::ktls::RECORD_LIMIT {
+            return Err(std::io::Error::other("kernel TLS record limit under one key reached"));
+        }
     }
+}
+
+/// Writes all of `bytes` to a non-blocking socket.
+async fn write_all(tcp: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Ends our writing on `leg`: `close_notify` first on a kernel-TLS leg, then a TCP half-close.
+async fn close_write(leg: &Leg) -> std::io::Result<()> {
+    if leg.kernel_tls {
+        crate::ktls::send_close_notify(&leg.tcp).await?;
+    }
+    socket2::SockRef::from(&leg.tcp).shutdown(std::net::Shutdown::Write)
 }
 
 #[cfg(test)]
@@ -282,7 +365,7 @@ mod tests {
             let up = TcpStream::connect(server_addr).await.unwrap();
             let (idle, cancel) = (Duration::from_secs(10), CancellationToken::new());
             if splice {
-                splice_pipe(down, up, idle, cancel).await
+                splice_pipe(Leg::plain(down), Leg::plain(up), idle, cancel).await
             } else {
                 pipe(down, up, idle, cancel).await
             }
@@ -321,7 +404,13 @@ mod tests {
         let _c = TcpStream::connect(front_addr).await.unwrap();
         let (down, _) = front.accept().await.unwrap();
         let up = TcpStream::connect(addr).await.unwrap();
-        let t = splice_pipe(down, up, Duration::from_millis(200), CancellationToken::new()).await;
+        let t = splice_pipe(
+            Leg::plain(down),
+            Leg::plain(up),
+            Duration::from_millis(200),
+            CancellationToken::new(),
+        )
+        .await;
         assert_eq!(t.end, End::Idle);
     }
 }

@@ -16,7 +16,7 @@ use crate::access::{Access, end_reason};
 use crate::buffers::ReadAhead;
 use crate::conns::ConnFacts;
 use crate::detect::{self, Detected};
-use crate::forward;
+use crate::forward::{self, Leg};
 use crate::http::headers::xfcc_element;
 use crate::http::inbound::{InboundHttp, Peer};
 use crate::http::sniff::{self, Rewind, Sniffed};
@@ -128,7 +128,7 @@ async fn handle(
             sni: None,
             http: false,
         };
-        proxy_to_app(shared, port, Downstream::<TcpStream>::Plain(tcp), facts, peer, started).await;
+        proxy_to_app(shared, port, Downstream::Plain(tcp), facts, peer, started).await;
         return;
     }
     let Some(tls) = shared.tls.borrow().clone() else {
@@ -148,8 +148,15 @@ async fn handle(
     // handshake, HTTP serving, plaintext splicing), are boxed where they are awaited: a task is as
     // large as its largest state, and an idle L4 connection's was 3.1 KB with them inline.
     let deadline = limits.handshake_timeout;
-    let mut stream = Box::new(Rewind::new(
-        match Box::pin(tokio::time::timeout(deadline, acceptor.accept(ReadAhead::new(tcp)))).await {
+    // A connection that may stay L4 is read record by record while rustls does its handshake,
+    // so that the kernel can take it after (crate::ktls).
+    let io = if (http.is_none() || port.protocol() == Protocol::Auto) && shared.may_offload() {
+        ReadAhead::record_exact(tcp)
+    } else {
+        ReadAhead::new(tcp)
+    };
+    let mut stream =
+        Box::new(Rewind::new(match Box::pin(tokio::time::timeout(deadline, acceptor.accept(io))).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let (reason, detail) = crate::sidecar::classify_tls_error(&e);
@@ -161,8 +168,7 @@ async fn handle(
                 shared.handshake_failed(Direction::Inbound, peer, "timeout", detail);
                 return;
             }
-        },
-    ));
+        }));
     let (_, conn) = stream.get_ref().get_ref();
     let principal = peer_identity(conn.peer_certificates());
     shared.observed.connection(port.port, principal.as_ref(), peer.ip());
@@ -185,6 +191,7 @@ async fn handle(
             _ => true,
         };
         if is_http {
+            stream.get_mut().get_mut().0.read_ahead_again();
             let peer = Peer { addr: peer, local, identity: principal, xfcc, sni };
             Box::pin(http.serve_conn(stream, peer)).await;
             return;
@@ -219,22 +226,24 @@ async fn plaintext_is_http(shared: &Shared, port: &InboundPort, tcp: &TcpStream)
     }
 }
 
-/// The downstream leg: plaintext TCP (spliced to the app) or a terminated TLS stream (copied).
-enum Downstream<S> {
+/// A terminated mutual-TLS stream, with any bytes sniffed from it to replay.
+type MeshStream = Box<Rewind<tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>>>;
+
+/// The downstream leg: plaintext TCP (spliced to the app), or a terminated TLS stream (handed to
+/// kernel TLS and spliced where the kernel takes it, else copied through rustls).
+enum Downstream {
     Plain(TcpStream),
-    Tls(S),
+    Tls(MeshStream),
 }
 
-async fn proxy_to_app<S>(
+async fn proxy_to_app(
     shared: &Shared,
     port: &InboundPort,
-    downstream: Downstream<S>,
+    downstream: Downstream,
     facts: ConnFacts,
     peer: SocketAddr,
     started: Instant,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+) {
     let mtls = facts.principal.is_some();
     let decision = shared.authorize(&facts);
     let policy_label = match &decision {
@@ -273,8 +282,23 @@ async fn proxy_to_app<S>(
     shared.metrics.active.inc();
     let idle = shared.limits.idle_timeout;
     let totals = match downstream {
-        Downstream::Plain(tcp) => Box::pin(forward::splice_pipe(tcp, app, idle, cancel)).await,
-        Downstream::Tls(tls) => forward::pipe(tls, app, idle, cancel).await,
+        Downstream::Plain(tcp) => {
+            Box::pin(forward::splice_pipe(Leg::plain(tcp), Leg::plain(app), idle, cancel)).await
+        }
+        Downstream::Tls(stream) => {
+            let (sniffed, tls) = stream.into_parts();
+            match shared.offload(Direction::Inbound, peer, tls, sniffed) {
+                Ok(kernel) => {
+                    let (down, app) = (Leg::kernel_tls(kernel), Leg::plain(app));
+                    Box::pin(forward::splice_pipe(down, app, idle, cancel)).await
+                }
+                Err(Some((mut tls, sniffed))) => {
+                    tls.get_mut().0.read_ahead_again();
+                    forward::pipe(Box::new(Rewind::replaying(sniffed, tls)), app, idle, cancel).await
+                }
+                Err(None) => forward::Totals { forward: 0, backward: 0, end: forward::End::Error },
+            }
+        }
     };
     shared.metrics.active.dec();
     shared.finish_tcp(&labels, totals.backward, totals.forward);

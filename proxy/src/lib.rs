@@ -4,7 +4,8 @@
 //! - [`tls`]: TLS configs built once per certificate ([`tls::MeshTls`]).
 //! - [`detect`]: TLS vs plaintext by peeking the ClientHello (SNI, ALPN).
 //! - [`inbound`], [`outbound`]: the two directions; [`forward`]: bytes both ways; [`buffers`]:
-//!   the buffers they lend, and the read-ahead under every TLS stream.
+//!   the buffers they lend, and the read-ahead under every TLS stream; [`ktls`]: L4 mesh
+//!   connections handed to the kernel's TLS after the handshake, where it offers it.
 //! - [`http`]: L7 for HTTP/1.1, HTTP/2 and gRPC ports (per-request policy, JWT, pooled mTLS).
 //! - [`sidecar`]: assembly, policy reload, drain; [`conns`]: live connections for re-evaluation.
 //! - [`capture`]: the transparent-interception listeners (original destination).
@@ -23,6 +24,7 @@ pub mod forward;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod ktls;
 pub mod logging;
 pub mod metrics;
 pub mod observe;

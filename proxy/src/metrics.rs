@@ -67,6 +67,14 @@ pub struct ProxyMetrics {
     pub renewals: IntCounterVec,
     pub cert_expiry: Gauge,
     pub active: IntGauge,
+    /// `keycard_tls_offload_total{direction, result}`: mesh L4 connections after their handshake,
+    /// `result` `kernel` (handed to kernel TLS), why rustls kept it (`unavailable`, `off`,
+    /// `cipher`, `buffered`, `not_established`, `setup_failed`), or `lost` (the hand-over failed
+    /// after rustls gave up the keys: the connection is closed).
+    pub tls_offload: IntCounterVec,
+    /// `keycard_tls_offload_available`: 1 when the start-up probe found kernel TLS and
+    /// `tls.kernel_offload` is `auto`.
+    pub tls_offload_available: IntGauge,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub request_bytes: HistogramVec,
@@ -95,6 +103,11 @@ impl ProxyMetrics {
         r.register(Box::new(cert_expiry.clone()))?;
         let active = IntGauge::new("keycard_active_connections", "Connections being proxied now")?;
         r.register(Box::new(active.clone()))?;
+        let tls_offload_available = IntGauge::new(
+            "keycard_tls_offload_available",
+            "1 when mesh L4 connections are handed to kernel TLS after their handshake",
+        )?;
+        r.register(Box::new(tls_offload_available.clone()))?;
         let histogram = |name: &str, help: &str, buckets: &[f64]| -> prometheus::Result<HistogramVec> {
             let h =
                 HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), REQUEST_LABELS)?;
@@ -120,6 +133,12 @@ impl ProxyMetrics {
                 "Pooled mutual-TLS HTTP/2 connections opened to remote sidecars",
                 &["upstream"],
             )?,
+            tls_offload: counter(
+                "keycard_tls_offload_total",
+                "Mesh L4 connections after their handshake: handed to kernel TLS, or why not",
+                &["direction", "result"],
+            )?,
+            tls_offload_available,
             http_connections: counter(
                 "keycard_http_connections_total",
                 "Downstream connections served as HTTP",

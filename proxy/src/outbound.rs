@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
 use crate::buffers::ReadAhead;
-use crate::forward::{self, ConnectError};
+use crate::forward::{self, ConnectError, Leg};
 use crate::http::sniff::Sniffed;
 use crate::sidecar::{Direction, Shared};
 use crate::tls::{MeshTls, OUTBOUND_ALPN, peer_identity};
@@ -241,9 +241,9 @@ async fn handshake(
     remote: SocketAddr,
     route: &Route,
     config: Arc<ClientConfig>,
-    tcp: TcpStream,
+    io: ReadAhead<TcpStream>,
 ) -> Result<(TlsStream<ReadAhead<TcpStream>>, Option<SpiffeId>), DialError> {
-    let connect = TlsConnector::from(config).connect(server_name(route, remote), ReadAhead::new(tcp));
+    let connect = TlsConnector::from(config).connect(server_name(route, remote), io);
     match tokio::time::timeout(shared.limits.handshake_timeout, connect).await {
         Ok(Ok(s)) => {
             let peer = peer_identity(s.get_ref().1.peer_certificates());
@@ -272,7 +272,7 @@ pub async fn dial(
 ) -> Result<(TlsStream<ReadAhead<TcpStream>>, Option<SpiffeId>), DialError> {
     let config = mesh_config(shared, route, cache)?;
     let tcp = connect(shared, remote).await?;
-    handshake(shared, remote, route, config, tcp).await
+    handshake(shared, remote, route, config, ReadAhead::new(tcp)).await
 }
 
 async fn handle(
@@ -304,7 +304,7 @@ async fn handle(
     if route.mode == ClientTlsMode::Disable {
         let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
         shared.record_tcp(&labels, false);
-        let t = Box::pin(forward::splice_pipe(app, remote, idle, cancel)).await;
+        let t = Box::pin(forward::splice_pipe(Leg::plain(app), Leg::plain(remote), idle, cancel)).await;
         shared.finish_tcp(&labels, t.forward, t.backward);
         event.log("allow", end_reason(t.end), "", t.backward, t.forward);
         return;
@@ -321,16 +321,35 @@ async fn handle(
         Ok(c) => c,
         Err(e) => return shared.handshake_failed(Direction::Outbound, peer, e.reason(), &e.to_string()),
     };
-    let (stream, server_id) = match Box::pin(handshake(shared, up.remote, route, config, remote)).await {
+    let mtls = route.external.is_none();
+    // A mesh connection's handshake is read record by record, so that the kernel can take it
+    // after (crate::ktls); one to a DestinationRule's external server stays with rustls.
+    let io =
+        if mtls && shared.may_offload() { ReadAhead::record_exact(remote) } else { ReadAhead::new(remote) };
+    let (stream, server_id) = match Box::pin(handshake(shared, up.remote, route, config, io)).await {
         Ok(x) => x,
         Err(e) => return event.log("fail", e.reason(), &e.to_string(), 0, 0),
     };
-    let mtls = route.external.is_none();
     let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), mtls);
     shared.record_tcp(&labels, false);
     shared.metrics.active.inc();
-    // The TLS stream on the heap: `pipe` keeps a slot of its argument's size in its own state.
-    let t = forward::pipe(app, Box::new(stream), idle, cancel).await;
+    let offloaded = if mtls {
+        shared.offload(Direction::Outbound, up.remote, stream, bytes::Bytes::new())
+    } else {
+        Err(Some((stream, bytes::Bytes::new())))
+    };
+    let t = match offloaded {
+        Ok(kernel) => {
+            let (app, up) = (Leg::plain(app), Leg::kernel_tls(kernel));
+            Box::pin(forward::splice_pipe(app, up, idle, cancel)).await
+        }
+        Err(Some((mut stream, _))) => {
+            stream.get_mut().0.read_ahead_again();
+            // The TLS stream on the heap: `pipe` keeps a slot of its argument's size in its state.
+            forward::pipe(app, Box::new(stream), idle, cancel).await
+        }
+        Err(None) => forward::Totals { forward: 0, backward: 0, end: forward::End::Error },
+    };
     shared.metrics.active.dec();
     shared.finish_tcp(&labels, t.forward, t.backward);
     let event = Access { dst_identity: server_id.as_ref(), mtls, ..event };

@@ -74,6 +74,8 @@ impl MeshTls {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified.clone())));
         server.alpn_protocols = MESH_ALPNS.iter().map(|a| a.to_vec()).collect();
+        // Lets a handshaken connection give its traffic keys to kernel TLS (crate::ktls).
+        server.enable_secret_extraction = true;
         Ok(Self {
             id: svid.id,
             chain,
@@ -100,6 +102,7 @@ impl MeshTls {
                 self.certified.clone(),
             )));
         config.alpn_protocols = vec![OUTBOUND_ALPN.to_vec()];
+        config.enable_secret_extraction = true;
         Ok(Arc::new(config))
     }
 

@@ -155,6 +155,7 @@ pub fn config(s: SidecarSpec) -> SidecarConfig {
         readiness: any_addr(),
         limits: limits(),
         http: Default::default(),
+        tls: Default::default(),
     }
 }
 

@@ -105,6 +105,20 @@ impl<S> Rewind<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Replays `prefix` before reading `inner`.
+    pub fn replaying(prefix: Bytes, inner: S) -> Self {
+        Self { prefix, inner }
+    }
+
+    /// The bytes not yet replayed, and the stream.
+    pub fn into_parts(self) -> (Bytes, S) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use keycard_config::sidecar::{
     Capture, HttpSettings, IdentitySource, InboundPort, Limits, OutboundPolicy, PolicySource, SidecarConfig,
-    Upstream, Workload,
+    TlsSettings, Upstream, Workload,
 };
 use serde_json::Value;
 
@@ -83,12 +83,14 @@ pub fn config_yaml(facts: &Facts, opts: &Options) -> Result<String, String> {
         readiness: any(READINESS_PORT),
         limits: Limits::default(),
         http: HttpSettings::default(),
+        tls: TlsSettings::default(),
     };
     let mut value = serde_json::to_value(&config).map_err(|e| e.to_string())?;
     if let Some(fields) = value.as_object_mut() {
         // Defaults, as the sidecar documents them; a user who wants others edits the ConfigMap.
         fields.shift_remove("limits");
         fields.shift_remove("http");
+        fields.shift_remove("tls");
     }
     drop_nulls(&mut value);
     let body = serde_saphyr::to_string(&value).map_err(|e| e.to_string())?;

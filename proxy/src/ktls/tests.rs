@@ -1,0 +1,326 @@
+//! Kernel TLS over real loopback sockets. Where the kernel offers no `tls` module (this build
+//! machine), the tests that need it say so on stderr and pass without running, unless
+//! `KEYCARD_REQUIRE_KTLS=1` (set where the kernel has it: `tests/vm/ktls.sh` runs these tests
+//! under a Debian kernel in a VM), where they fail instead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::forward::{End, Leg, splice_pipe};
+
+/// The kernel's TLS, or `None` after saying loudly why the test does not run.
+fn kernel_or_skip(test: &str) -> Option<KernelTls> {
+    match probe() {
+        Ok(k) => Some(k),
+        Err(e) if std::env::var_os("KEYCARD_REQUIRE_KTLS").is_some() => {
+            panic!("{test}: KEYCARD_REQUIRE_KTLS is set but {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e} (tests/vm/ktls.sh runs it under a kernel that has it)");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_probe_agrees_with_the_kernels_list_of_ulps() {
+    let listed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    let has_tls = listed.split_whitespace().any(|u| u == "tls");
+    match probe() {
+        // The probe loads the module where it may: the list names it afterwards.
+        Ok(k) => {
+            let after = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+            assert!(
+                after.split_whitespace().any(|u| u == "tls"),
+                "probe found {k:?}, kernel lists {after:?}"
+            );
+            assert!(k.aes_128_gcm || k.aes_256_gcm || k.chacha20_poly1305);
+            assert!(!k.describe().is_empty());
+        }
+        Err(ProbeError::NoUlp(e)) => {
+            assert!(!has_tls, "kernel lists tls ({listed:?}) but the probe failed: {e}")
+        }
+        Err(e) => panic!("probe: {e}"),
+    }
+}
+
+#[test]
+fn the_tls13_iv_is_the_kernels_salt_then_iv_and_the_sequence_is_big_endian() {
+    let iv: Vec<u8> = (1..=12).collect();
+    let key = [7u8; 16];
+    let s = Secrets { key: &key, iv: &iv, seq: 0x0102_0304_0506_0708 };
+    match crypto_info(Suite::Aes128Gcm, &s) {
+        TlsCryptoInfo::Aes128Gcm(i) => {
+            assert_eq!(i.salt, [1, 2, 3, 4]);
+            assert_eq!(i.iv, [5, 6, 7, 8, 9, 10, 11, 12]);
+            assert_eq!(i.key, key);
+            assert_eq!(i.rec_seq, [1, 2, 3, 4, 5, 6, 7, 8]);
+            assert_eq!(i.info.version, 0x0304);
+            assert_eq!(i.info.cipher_type, 51);
+        }
+        _ => panic!("wrong suite"),
+    }
+    let key = [9u8; 32];
+    let s = Secrets { key: &key, iv: &iv, seq: 3 };
+    match crypto_info(Suite::Chacha20Poly1305, &s) {
+        TlsCryptoInfo::Chacha20Poly1305(i) => {
+            assert_eq!(i.iv.as_slice(), iv.as_slice());
+            assert_eq!(i.key, key);
+            assert_eq!(i.rec_seq, [0, 0, 0, 0, 0, 0, 0, 3]);
+        }
+        _ => panic!("wrong suite"),
+    }
+}
+
+/// A connected pair of loopback sockets.
+async fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let c = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
+    let (s, _) = l.accept().await.expect("accept");
+    (c, s)
+}
+
+#[tokio::test]
+async fn the_close_notify_control_message_is_one_the_kernel_accepts() {
+    // On a plain socket the kernel checks the control message's framing and passes over a
+    // SOL_TLS one, so the alert's two bytes arrive as they are: a malformed header is EINVAL.
+    let (c, mut s) = pair().await;
+    send_close_notify(&c).await.expect("sendmsg with the record-type control message");
+    let mut got = [0u8; 2];
+    s.read_exact(&mut got).await.expect("read");
+    assert_eq!(got, [1, 0], "level warning, close_notify");
+}
+
+/// TLS 1.3 configs for one handshake: a self-signed `localhost` certificate, secret extraction
+/// allowed, `suite` only (any when `None`).
+fn configs(
+    suite: Option<rustls::SupportedCipherSuite>,
+    tickets: usize,
+) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let cert: CertificateDer<'static> = made.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(suite) = suite {
+        provider.cipher_suites = vec![suite];
+    }
+    let provider = Arc::new(provider);
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .expect("server config");
+    server.enable_secret_extraction = true;
+    server.send_tls13_tickets = tickets;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).expect("root");
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.enable_secret_extraction = true;
+    (Arc::new(server), Arc::new(client))
+}
+
+type ServerTls = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
+type ClientTls = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
+
+/// Both ends of one handshake over loopback, each read record by record.
+async fn handshaken(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+) -> (ServerTls, ClientTls) {
+    let (c, s) = pair().await;
+    let accept = tokio_rustls::TlsAcceptor::from(server).accept(ReadAhead::record_exact(s));
+    let name = ServerName::try_from("localhost").expect("name");
+    let connect = tokio_rustls::TlsConnector::from(client).connect(name, ReadAhead::record_exact(c));
+    let (s, c) = tokio::join!(accept, connect);
+    (s.expect("server handshake"), c.expect("client handshake"))
+}
+
+fn offloaded<S: Handshaken>(kernel: &KernelTls, stream: S) -> Offloaded {
+    match kernel.hand_over(stream, Bytes::new()) {
+        Ok(o) => o,
+        Err(Declined::Kept(_, _, r)) => panic!("kept by rustls: {}", r.as_str()),
+        Err(Declined::Lost(e)) => panic!("lost: {e}"),
+    }
+}
+
+/// `len` bytes of a pattern that shows misordering.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+}
+
+/// An app that reads everything to EOF, then answers with what it read reversed and closes.
+async fn reversing_app() -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.expect("accept");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.expect("app read");
+        let back: Vec<u8> = got.iter().rev().copied().collect();
+        s.write_all(&back).await.expect("app write");
+        got
+    });
+    (addr, task)
+}
+
+/// The sidecar pair's shape on kernel TLS at both ends: client → [plain | kernel TLS] ⇄
+/// [kernel TLS | plain] → app; bytes both ways, half-closes carried as close_notify, for each
+/// suite the kernel took.
+#[tokio::test]
+async fn a_pair_on_kernel_tls_carries_every_byte_and_the_half_close_each_way() {
+    let Some(kernel) = kernel_or_skip("a_pair_on_kernel_tls_carries_every_byte_and_the_half_close_each_way")
+    else {
+        return;
+    };
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let suites = [
+        (kernel.aes_128_gcm, cs::TLS13_AES_128_GCM_SHA256),
+        (kernel.aes_256_gcm, cs::TLS13_AES_256_GCM_SHA384),
+        (kernel.chacha20_poly1305, cs::TLS13_CHACHA20_POLY1305_SHA256),
+    ];
+    for (_, suite) in suites.into_iter().filter(|(on, _)| *on) {
+        // The server sends two tickets after the handshake: the client's kernel gets them as
+        // handshake records, which must be passed over, not forwarded or fatal.
+        let (server_cfg, client_cfg) = configs(Some(suite), 2);
+        let (server, client) = handshaken(server_cfg, client_cfg).await;
+        let (server, client) = (offloaded(&kernel, server), offloaded(&kernel, client));
+        let (app_addr, app) = reversing_app().await;
+        let (idle, cancel) = (Duration::from_secs(20), CancellationToken::new());
+        let app_conn = TcpStream::connect(app_addr).await.expect("connect app");
+        let inbound =
+            tokio::spawn(splice_pipe(Leg::kernel_tls(server), Leg::plain(app_conn), idle, cancel.clone()));
+        let (mut user, user_side) = pair().await;
+        let outbound =
+            tokio::spawn(splice_pipe(Leg::plain(user_side), Leg::kernel_tls(client), idle, cancel));
+
+        let sent = pattern(3 * 1024 * 1024 + 333, 5);
+        user.write_all(&sent).await.expect("write");
+        user.shutdown().await.expect("half-close");
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), user.read_to_end(&mut back))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        let got = app.await.expect("app");
+        assert!(got == sent, "{suite:?}: the app got {} bytes, not the {} sent", got.len(), sent.len());
+        assert!(back.iter().rev().eq(sent.iter()), "{suite:?}: the answer came back changed");
+        let (inb, outb) = (inbound.await.expect("inbound"), outbound.await.expect("outbound"));
+        assert_eq!((inb.end, outb.end), (End::Done, End::Done), "{suite:?}: both ended by close_notify");
+        assert_eq!((inb.forward, inb.backward), (sent.len() as u64, sent.len() as u64));
+        assert_eq!((outb.forward, outb.backward), (sent.len() as u64, sent.len() as u64));
+    }
+}
+
+/// A kernel-TLS end talks to a rustls end as another rustls end would: its close_notify ends
+/// rustls' reading cleanly, rustls' close_notify ends its own, and the tickets rustls sends
+/// are passed over.
+#[tokio::test]
+async fn a_kernel_tls_end_and_a_rustls_end_understand_each_other() {
+    let Some(kernel) = kernel_or_skip("a_kernel_tls_end_and_a_rustls_end_understand_each_other") else {
+        return;
+    };
+    // Kernel-TLS client, rustls server (with tickets).
+    let (server_cfg, client_cfg) = configs(None, 2);
+    let (mut server, client) = handshaken(server_cfg, client_cfg).await;
+    let client = offloaded(&kernel, client);
+    let (mut user, user_side) = pair().await;
+    let (idle, cancel) = (Duration::from_secs(20), CancellationToken::new());
+    let outbound =
+        tokio::spawn(splice_pipe(Leg::plain(user_side), Leg::kernel_tls(client), idle, cancel.clone()));
+    let sent = pattern(1024 * 1024, 9);
+    user.write_all(&sent).await.expect("write");
+    user.shutdown().await.expect("half-close");
+    let mut got = Vec::new();
+    // rustls reports a stream cut without close_notify as an error: Ok means it came.
+    server.read_to_end(&mut got).await.expect("rustls reads to a close_notify");
+    assert!(got == sent);
+    server.write_all(b"bye").await.expect("write");
+    server.shutdown().await.expect("rustls close_notify");
+    let mut back = Vec::new();
+    user.read_to_end(&mut back).await.expect("read");
+    assert_eq!(back, b"bye");
+    assert_eq!(outbound.await.expect("outbound").end, End::Done);
+
+    // Kernel-TLS server, rustls client: data the client sends in the same flight as its
+    // Finished is the kernel's to decrypt.
+    let (server_cfg, client_cfg) = configs(None, 0);
+    let (server, mut client) = handshaken(server_cfg, client_cfg).await;
+    client.write_all(b"early words").await.expect("write");
+    client.flush().await.expect("flush");
+    let server = offloaded(&kernel, server);
+    let (app_addr, app) = reversing_app().await;
+    let app_conn = TcpStream::connect(app_addr).await.expect("connect app");
+    let inbound = tokio::spawn(splice_pipe(Leg::kernel_tls(server), Leg::plain(app_conn), idle, cancel));
+    client.shutdown().await.expect("close_notify");
+    let mut back = Vec::new();
+    client.read_to_end(&mut back).await.expect("rustls reads to the kernel's close_notify");
+    assert_eq!(back, b"sdrow ylrae");
+    assert_eq!(app.await.expect("app"), b"early words");
+    assert_eq!(inbound.await.expect("inbound").end, End::Done);
+}
+
+/// A peer that closes TCP without close_notify may have cut the stream short: an error, as
+/// rustls reports it, though the bytes that came are delivered.
+#[tokio::test]
+async fn a_stream_cut_without_close_notify_ends_in_error() {
+    let Some(kernel) = kernel_or_skip("a_stream_cut_without_close_notify_ends_in_error") else {
+        return;
+    };
+    let (server_cfg, client_cfg) = configs(None, 0);
+    let (server, mut client) = handshaken(server_cfg, client_cfg).await;
+    let server = offloaded(&kernel, server);
+    let (app_addr, app) = reversing_app().await;
+    let app_conn = TcpStream::connect(app_addr).await.expect("connect app");
+    let (idle, cancel) = (Duration::from_secs(20), CancellationToken::new());
+    let inbound = tokio::spawn(splice_pipe(Leg::kernel_tls(server), Leg::plain(app_conn), idle, cancel));
+    client.write_all(b"half a story").await.expect("write");
+    client.flush().await.expect("flush");
+    // TCP FIN with no alert before it.
+    let (io, _) = client.into_inner();
+    let tcp = io.into_inner();
+    socket2::SockRef::from(&tcp).shutdown(std::net::Shutdown::Write).expect("shutdown");
+    assert_eq!(app.await.expect("app"), b"half a story");
+    assert_eq!(inbound.await.expect("inbound").end, End::Error);
+}
+
+/// A connection whose reader read past the handshake, or whose suite the kernel did not take,
+/// stays with rustls untouched and still works.
+#[tokio::test]
+async fn a_connection_the_kernel_cannot_take_comes_back_whole() {
+    let (server_cfg, client_cfg) = configs(None, 0);
+    let (c, s) = pair().await;
+    let accept = tokio_rustls::TlsAcceptor::from(server_cfg).accept(ReadAhead::new(s));
+    let name = ServerName::try_from("localhost").expect("name");
+    let connect = tokio_rustls::TlsConnector::from(client_cfg).connect(name, ReadAhead::new(c));
+    let (server, client) = tokio::join!(accept, connect);
+    let (server, mut client) = (server.expect("server"), client.expect("client"));
+    // Whatever the kernel offers: a reading-ahead reader is never at a known record boundary,
+    // and a kernel that took no suite takes none of them.
+    let everything = KernelTls { aes_128_gcm: true, aes_256_gcm: true, chacha20_poly1305: true };
+    let server = match everything.hand_over(server, Bytes::from_static(b"sniffed")) {
+        Err(Declined::Kept(s, sniffed, Refused::Buffered)) => {
+            assert_eq!(&sniffed[..], b"sniffed");
+            s
+        }
+        _ => panic!("a reading-ahead connection must stay with rustls"),
+    };
+    let mut server = match KernelTls::default().hand_over(server, Bytes::new()) {
+        Err(Declined::Kept(s, _, Refused::Cipher)) => s,
+        _ => panic!("no suite taken: rustls keeps it"),
+    };
+    client.write_all(b"still rustls").await.expect("write");
+    let mut got = [0u8; 12];
+    server.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"still rustls");
+}

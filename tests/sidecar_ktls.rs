@@ -1,0 +1,167 @@
+//! Kernel TLS through two real sidecars: mesh L4 connections move to the kernel after their
+//! handshake where it offers the `tls` module, stay with rustls where it does not or where
+//! `tls.kernel_offload: off`, and carry the same bytes either way. This build machine's kernel
+//! has no `tls` module; `tests/vm/ktls.sh` runs this file under a Debian kernel that has it, with
+//! `KEYCARD_REQUIRE_KTLS=1` so that a fallback there fails instead of passing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mesh::*;
+use keycard_config::sidecar::KernelOffload;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n";
+
+/// What `keycard_tls_offload_total`'s `result` must be for `auto` on this kernel.
+fn expected_with_auto() -> &'static str {
+    match keycard_proxy::ktls::probe() {
+        Ok(_) => "kernel",
+        Err(e) if std::env::var_os("KEYCARD_REQUIRE_KTLS").is_some() => {
+            panic!("KEYCARD_REQUIRE_KTLS is set but {e}")
+        }
+        Err(e) => {
+            eprintln!(
+                "NOTE: {e}: checking the rustls fallback only (tests/vm/ktls.sh checks the kernel path)"
+            );
+            "unavailable"
+        }
+    }
+}
+
+struct Pair {
+    server: Running,
+    client: Running,
+    _policy: tempfile::TempDir,
+}
+
+async fn pair(pki: &Pki, offload: KernelOffload) -> Pair {
+    let dir = policy_dir(STRICT);
+    let mut cfg = config(SidecarSpec {
+        ns: "default",
+        sa: "server",
+        labels: &[],
+        identity: pki.files("default", "server"),
+        inbound: vec![(9080, echo().await)],
+        outbound: vec![],
+        policy: Some(dir.path().to_owned()),
+    });
+    cfg.tls.kernel_offload = offload;
+    let server = start(cfg).await;
+    let mut cfg = config(SidecarSpec {
+        ns: "default",
+        sa: "client",
+        labels: &[],
+        identity: pki.files("default", "client"),
+        inbound: vec![],
+        outbound: vec![(server.inbound(9080), vec![Pki::id("default", "server")])],
+        policy: None,
+    });
+    cfg.tls.kernel_offload = offload;
+    let client = start(cfg).await;
+    Pair { server, client, _policy: dir }
+}
+
+/// `len` bytes through the pair to the echo app and back. `linger`: the client half-closes only
+/// once every byte is back, so both sidecars have the connection before any FIN; otherwise it
+/// half-closes right after sending (a short exchange whose FIN may reach the inbound sidecar
+/// before its hand-over). The echo closes once it has read to the end, so the answer ends only
+/// if the half-close crossed both sidecars.
+async fn through(pair: &Pair, len: usize, linger: bool) -> Result<(), String> {
+    let mut s = TcpStream::connect(pair.client.addrs.outbound[0]).await.map_err(|e| e.to_string())?;
+    let sent: Vec<u8> = (0..len).map(|i| (i % 253) as u8 ^ (i >> 10) as u8).collect();
+    let (mut r, mut w) = s.split();
+    let mut back = vec![0u8; len];
+    let write = async {
+        w.write_all(&sent).await?;
+        if !linger {
+            w.shutdown().await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let (wrote, read) = tokio::join!(write, r.read_exact(&mut back));
+    wrote.map_err(|e| format!("write: {e}"))?;
+    read.map_err(|e| format!("read: {e}"))?;
+    if linger {
+        w.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    }
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).await.map_err(|e| format!("read to the end: {e}"))?;
+    if back != sent || !rest.is_empty() {
+        return Err(format!("{} bytes came back for {len} sent, or changed", back.len() + rest.len()));
+    }
+    Ok(())
+}
+
+const SIZES: [usize; 3] = [4, 70_000, 3 * 1024 * 1024 + 1];
+
+async fn exercise(pair: &Pair, linger: bool) {
+    for len in SIZES {
+        let done = tokio::time::timeout(Duration::from_secs(60), through(pair, len, linger)).await;
+        assert_eq!(done, Ok(Ok(())), "{len} bytes, linger {linger}");
+    }
+}
+
+fn offloads(run: &Running, direction: &str, result: &str) -> f64 {
+    let series = format!("keycard_tls_offload_total{{direction=\"{direction}\",result=\"{result}\"}}");
+    run.metric(&series)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_l4_connections_move_to_kernel_tls_where_it_is_offered_and_carry_the_same_bytes() {
+    let expected = expected_with_auto();
+    let pki = Pki::new();
+    let pair = pair(&pki, KernelOffload::Auto).await;
+    exercise(&pair, true).await;
+    // Counted when the connection is handed over (or not), before its bytes move.
+    assert_eq!(offloads(&pair.client, "outbound", expected), 3.0, "{}", pair.client.metrics());
+    assert_eq!(offloads(&pair.server, "inbound", expected), 3.0, "{}", pair.server.metrics());
+    let available = if expected == "kernel" { 1.0 } else { 0.0 };
+    assert_eq!(pair.server.metric("keycard_tls_offload_available"), available);
+    let m = pair.server.metrics();
+    assert_eq!(
+        metric_sum(&m, "istio_tcp_received_bytes_total", &["reporter=\"destination\""]),
+        SIZES.iter().sum::<usize>() as f64,
+        "{m}"
+    );
+    assert_eq!(metric_sum(&m, "keycard_handshake_failures_total", &[]), 0.0, "{m}");
+    pair.client.shutdown().await;
+    pair.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_offload_off_keeps_every_connection_with_rustls() {
+    let pki = Pki::new();
+    let pair = pair(&pki, KernelOffload::Off).await;
+    exercise(&pair, true).await;
+    exercise(&pair, false).await;
+    assert_eq!(offloads(&pair.client, "outbound", "off"), 6.0, "{}", pair.client.metrics());
+    assert_eq!(offloads(&pair.server, "inbound", "off"), 6.0);
+    assert_eq!(pair.client.metric("keycard_tls_offload_available"), 0.0);
+    pair.client.shutdown().await;
+    pair.server.shutdown().await;
+}
+
+/// A client that sends and half-closes at once: its FIN may reach the inbound sidecar before
+/// the hand-over, and the kernel takes only established connections; rustls then keeps the
+/// connection (`not_established`). Either way every byte and the half-close get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_exchange_gets_through_whoever_keeps_the_connection() {
+    let expected = expected_with_auto();
+    let pki = Pki::new();
+    let pair = pair(&pki, KernelOffload::Auto).await;
+    for _ in 0..5 {
+        exercise(&pair, false).await;
+    }
+    let total = (5 * SIZES.len()) as f64;
+    assert_eq!(offloads(&pair.client, "outbound", expected), total, "{}", pair.client.metrics());
+    let inbound =
+        offloads(&pair.server, "inbound", expected) + offloads(&pair.server, "inbound", "not_established");
+    assert_eq!(inbound, total, "{}", pair.server.metrics());
+    let m = pair.server.metrics();
+    assert_eq!(metric_sum(&m, "keycard_tls_offload_total", &["result=\"lost\""]), 0.0, "{m}");
+    pair.client.shutdown().await;
+    pair.server.shutdown().await;
+}
