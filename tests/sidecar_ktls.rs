@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::mesh::*;
-use keycard_config::sidecar::KernelOffload;
+use keycard_config::sidecar::{KernelOffload, Protocol};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -38,6 +38,11 @@ struct Pair {
 }
 
 async fn pair(pki: &Pki, offload: KernelOffload) -> Pair {
+    pair_with(pki, offload, Protocol::Tcp).await
+}
+
+/// The pair with the server's port declared as `protocol` (the client's upstream stays TCP).
+async fn pair_with(pki: &Pki, offload: KernelOffload, protocol: Protocol) -> Pair {
     let dir = policy_dir(STRICT);
     let mut cfg = config(SidecarSpec {
         ns: "default",
@@ -49,6 +54,7 @@ async fn pair(pki: &Pki, offload: KernelOffload) -> Pair {
         policy: Some(dir.path().to_owned()),
     });
     cfg.tls.kernel_offload = offload;
+    cfg.inbound[0].protocol = Some(protocol);
     let server = start(cfg).await;
     let mut cfg = config(SidecarSpec {
         ns: "default",
@@ -162,6 +168,22 @@ async fn a_short_exchange_gets_through_whoever_keeps_the_connection() {
     assert_eq!(inbound, total, "{}", pair.server.metrics());
     let m = pair.server.metrics();
     assert_eq!(metric_sum(&m, "keycard_tls_offload_total", &["result=\"lost\""]), 0.0, "{m}");
+    pair.client.shutdown().await;
+    pair.server.shutdown().await;
+}
+
+/// On an `auto` port the inbound sidecar reads the first decrypted bytes to tell HTTP from TCP;
+/// a TCP stream then goes to the kernel with those bytes (and whatever else rustls had
+/// decrypted) delivered first, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_read_to_detect_the_protocol_are_delivered_before_the_kernels() {
+    let expected = expected_with_auto();
+    let pki = Pki::new();
+    let pair = pair_with(&pki, KernelOffload::Auto, Protocol::Auto).await;
+    exercise(&pair, true).await;
+    assert_eq!(offloads(&pair.server, "inbound", expected), 3.0, "{}", pair.server.metrics());
+    let m = pair.server.metrics();
+    assert_eq!(metric_sum(&m, "keycard_http_connections_total", &[]), 0.0, "served as TCP: {m}");
     pair.client.shutdown().await;
     pair.server.shutdown().await;
 }

@@ -262,6 +262,43 @@ async fn handshake(
     }
 }
 
+/// A mesh connection whose handshake was read record by record: through rustls until the
+/// server's session tickets are in (`ktls::await_tickets`), then to kernel TLS where it takes it.
+async fn offload(
+    shared: &Shared,
+    remote: SocketAddr,
+    mut app: TcpStream,
+    mut stream: TlsStream<ReadAhead<TcpStream>>,
+    idle: std::time::Duration,
+    cancel: CancellationToken,
+) -> forward::Totals {
+    let waited = match crate::ktls::await_tickets(&mut stream, &mut app, crate::ktls::TICKET_WAIT).await {
+        Ok(w) => w,
+        Err(_) => return forward::Totals { forward: 0, backward: 0, end: forward::End::Error },
+    };
+    let offered = if waited.server_closed {
+        // rustls read the server's close_notify: the kernel would not see the end.
+        shared.count_offload(Direction::Outbound, "not_established");
+        Err(Some((stream, bytes::Bytes::new())))
+    } else {
+        shared.offload(Direction::Outbound, remote, stream, bytes::Bytes::new())
+    };
+    let mut t = match offered {
+        Ok(kernel) => {
+            let (app, up) = (Leg::plain(app), Leg::kernel_tls(kernel));
+            Box::pin(forward::splice_pipe(app, up, idle, cancel)).await
+        }
+        Err(Some((mut stream, _))) => {
+            stream.get_mut().0.read_ahead_again();
+            forward::pipe(app, Box::new(stream), idle, cancel).await
+        }
+        Err(None) => forward::Totals { forward: 0, backward: 0, end: forward::End::Error },
+    };
+    t.forward += waited.up;
+    t.backward += waited.down;
+    t
+}
+
 /// Connects to a remote sidecar and completes mutual TLS with the mesh config from `cache`
 /// (whose ALPN tells the remote what the stream carries).
 pub async fn dial(
@@ -333,22 +370,14 @@ async fn handle(
     let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), mtls);
     shared.record_tcp(&labels, false);
     shared.metrics.active.inc();
-    let offloaded = if mtls {
-        shared.offload(Direction::Outbound, up.remote, stream, bytes::Bytes::new())
+    let t = if mtls && shared.may_offload() {
+        Box::pin(offload(shared, up.remote, app, stream, idle, cancel)).await
     } else {
-        Err(Some((stream, bytes::Bytes::new())))
-    };
-    let t = match offloaded {
-        Ok(kernel) => {
-            let (app, up) = (Leg::plain(app), Leg::kernel_tls(kernel));
-            Box::pin(forward::splice_pipe(app, up, idle, cancel)).await
+        if mtls {
+            shared.count_no_offload(Direction::Outbound);
         }
-        Err(Some((mut stream, _))) => {
-            stream.get_mut().0.read_ahead_again();
-            // The TLS stream on the heap: `pipe` keeps a slot of its argument's size in its state.
-            forward::pipe(app, Box::new(stream), idle, cancel).await
-        }
-        Err(None) => forward::Totals { forward: 0, backward: 0, end: forward::End::Error },
+        // The TLS stream on the heap: `pipe` keeps a slot of its argument's size in its state.
+        forward::pipe(app, Box::new(stream), idle, cancel).await
     };
     shared.metrics.active.dec();
     shared.finish_tcp(&labels, t.forward, t.backward);

@@ -181,6 +181,19 @@ impl Shared {
         }
     }
 
+    /// Counts a mesh L4 connection's `keycard_tls_offload_total{direction, result}`.
+    pub fn count_offload(&self, direction: Direction, result: &str) {
+        self.metrics.tls_offload.with_label_values(&[direction.as_str(), result]).inc();
+    }
+
+    /// Counts a mesh L4 connection that was not offered to the kernel because there is none to
+    /// offer it to (`off` or `unavailable`).
+    pub fn count_no_offload(&self, direction: Direction) {
+        if let Err(refused) = &self.kernel_tls {
+            self.count_offload(direction, refused.as_str());
+        }
+    }
+
     pub fn handshake_failed(
         &self,
         direction: Direction,

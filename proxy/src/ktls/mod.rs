@@ -10,10 +10,14 @@
 //!   have been read record by record ([`crate::buffers::ReadAhead::record_exact`]) so that no
 //!   ciphertext past it has left the socket; plaintext rustls already decrypted, and bytes a
 //!   sniffer holds, come back as `early` bytes for the forwarder to deliver first.
+//! - A client waits for the server's session tickets before it hands over ([`await_tickets`]),
+//!   forwarding through rustls meanwhile: TLS 1.3 servers send them a round trip after the
+//!   handshake, and a ticket that reaches the kernel instead is lost to rustls' session cache, so
+//!   every next connection would pay a full handshake (with keycard on both sides, five of six
+//!   connections resume).
 //! - Once the kernel has the keys, records that are not application data reach user space only
 //!   through `recvmsg` with a control message ([`read_control`]): `close_notify` is an end of
-//!   stream, a `NewSessionTicket` is dropped (this connection's resumption state went with
-//!   rustls, so a kernel-TLS client does not resume), a `KeyUpdate` or any other alert ends the
+//!   stream, a late `NewSessionTicket` is dropped, a `KeyUpdate` or any other alert ends the
 //!   connection (the kernel this was written for cannot take new keys). [`send_close_notify`]
 //!   ends our direction as rustls would.
 //!
@@ -296,6 +300,111 @@ fn crypto_info(suite: Suite, s: &Secrets<'_>) -> TlsCryptoInfo {
             })
         }
     }
+}
+
+/// How long a client forwards through rustls at most while it waits for the server's tickets
+/// (a server that sends none and no data either is handed over after this).
+pub const TICKET_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// What [`await_tickets`] moved through rustls, and whether the connection may go on to the kernel.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Waited {
+    /// Bytes from the app to the server.
+    pub up: u64,
+    /// Bytes from the server to the app.
+    pub down: u64,
+    /// The server ended its direction (close_notify, read by rustls): the kernel must not take
+    /// the connection, whose end it would not see.
+    pub server_closed: bool,
+}
+
+enum Event {
+    Sent,
+    AppEof,
+    Received(usize),
+    ServerClosed,
+    Settled,
+}
+
+/// A client's first moments after its handshake, through rustls: the app's bytes go up, the
+/// server's come down, until the server's session tickets arrived (rustls stores them for the
+/// next connection), the server's first data arrived (tickets precede it), the app ended its
+/// direction, or `limit` passed. The reader stays record-exact, so the connection can then be
+/// handed over at a record boundary.
+pub async fn await_tickets(
+    tls: &mut tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>,
+    app: &mut TcpStream,
+    limit: std::time::Duration,
+) -> io::Result<Waited> {
+    use std::pin::Pin;
+    use std::task::Poll;
+
+    use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+
+    let mut waited = Waited::default();
+    let before = tls.get_ref().1.tls13_tickets_received();
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    let (mut up, mut down) = (crate::buffers::take(false), crate::buffers::take(false));
+    let (mut up_at, mut up_len) = (0, 0);
+    let result = loop {
+        let event = std::future::poll_fn(|cx| {
+            // App to server: read a chunk, then write it all to rustls.
+            if up_at == up_len {
+                let mut rb = ReadBuf::new(&mut up);
+                match Pin::new(&mut *app).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(Event::AppEof)),
+                    Poll::Ready(Ok(())) => (up_at, up_len) = (0, rb.filled().len()),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            while up_at < up_len {
+                match Pin::new(&mut *tls).poll_write(cx, &up[up_at..up_len]) {
+                    Poll::Ready(Ok(n)) => up_at += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+                if up_at == up_len {
+                    waited.up += up_len as u64;
+                    return Poll::Ready(Ok(Event::Sent));
+                }
+            }
+            // Server to app: rustls reads and processes records (tickets too) until plaintext.
+            let mut rb = ReadBuf::new(&mut down);
+            match Pin::new(&mut *tls).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(Event::ServerClosed)),
+                Poll::Ready(Ok(())) => return Poll::Ready(Ok(Event::Received(rb.filled().len()))),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+            if tls.get_ref().1.tls13_tickets_received() > before || deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(Event::Settled));
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Ok(Event::Sent) => {
+                if let Err(e) = tls.flush().await {
+                    break Err(e);
+                }
+            }
+            Ok(Event::Received(n)) => {
+                waited.down += n as u64;
+                break app.write_all(&down[..n]).await;
+            }
+            Ok(Event::ServerClosed) => {
+                waited.server_closed = true;
+                break Ok(());
+            }
+            Ok(Event::AppEof | Event::Settled) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    crate::buffers::give_back(up);
+    crate::buffers::give_back(down);
+    result.map(|()| waited)
 }
 
 /// A record that is not application data, read from a kernel-TLS socket.

@@ -324,3 +324,46 @@ async fn a_connection_the_kernel_cannot_take_comes_back_whole() {
     server.read_exact(&mut got).await.expect("read");
     assert_eq!(&got, b"still rustls");
 }
+
+/// A client forwards through rustls until the server's tickets are in, so that rustls keeps
+/// them and the next connection resumes, though this one then goes to the kernel; the server's
+/// first data ends the wait too (delivered to the app) when it comes with the tickets. Plain
+/// rustls: runs on any kernel.
+#[tokio::test]
+async fn a_client_waits_for_the_tickets_so_the_next_connection_resumes() {
+    let (server_cfg, client_cfg) = configs(None, 2);
+    for round in 0..3 {
+        let (mut server, mut client) = handshaken(server_cfg.clone(), client_cfg.clone()).await;
+        let (mut user, mut app) = pair().await;
+        if round == 2 {
+            // Server-first: its data follows its tickets.
+            server.write_all(b"server speaks first").await.expect("write");
+            server.flush().await.expect("flush");
+        }
+        let waited = await_tickets(&mut client, &mut app, Duration::from_secs(10)).await.expect("wait");
+        assert!(client.get_ref().1.tls13_tickets_received() >= 1, "round {round}: tickets read by rustls");
+        assert!(client.get_ref().0.at_record_boundary(), "round {round}: ready for the kernel");
+        assert!(!waited.server_closed);
+        let kind = client.get_ref().1.handshake_kind();
+        if round > 0 {
+            assert_eq!(kind, Some(rustls::HandshakeKind::Resumed), "round {round}");
+        }
+        if round == 2 {
+            // Delivered to the app if it came with or before the tickets, else still rustls' to read.
+            let mut got = [0u8; 19];
+            match waited.down {
+                19 => user.read_exact(&mut got).await.expect("read"),
+                0 => client.read_exact(&mut got).await.expect("read"),
+                n => panic!("{n} bytes of 19 delivered"),
+            };
+            assert_eq!(&got, b"server speaks first");
+        }
+        // Bytes from the app during the wait go up through rustls.
+        user.write_all(b"up").await.expect("write");
+        let waited = await_tickets(&mut client, &mut app, Duration::from_millis(200)).await.expect("wait");
+        assert_eq!(waited.up, 2);
+        let mut got = [0u8; 2];
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"up");
+    }
+}
