@@ -104,6 +104,10 @@ fn config_dump(view: &View) -> serde_json::Value {
         "authorization_policies": policy.authz,
         "policy": status,
         "live_connections": view.shared.live.len(),
+        "kernel_tls": match &view.shared.kernel_tls {
+            Ok(k) => json!({"used": true, "suites": k.describe()}),
+            Err(why) => json!({"used": false, "why": why.as_str()}),
+        },
     })
 }
 

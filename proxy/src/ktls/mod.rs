@@ -435,16 +435,21 @@ pub enum ControlError {
     Io(io::Error),
 }
 
-/// The largest TLS 1.3 record plaintext, plus room for the kernel to say it was cut.
-const MAX_RECORD: usize = 16 * 1024 + 256;
-
 /// Reads the record at the head of a kernel-TLS socket with its type (a splice refuses records
-/// that are not application data with `EINVAL`, leaving them queued).
+/// that are not application data with `EINVAL`, leaving them queued). The record is read into a
+/// lent 16 KiB buffer: a TLS 1.3 record's plaintext is at most 2^14 bytes.
 pub fn read_control(tcp: &TcpStream) -> Result<Control, ControlError> {
-    let mut body = vec![0u8; MAX_RECORD];
+    let mut body = crate::buffers::take(false);
+    let read = read_record(tcp, &mut body);
+    let out = classify(read, &body);
+    crate::buffers::give_back(body);
+    out
+}
+
+fn read_record(tcp: &TcpStream, body: &mut [u8]) -> io::Result<(usize, Option<TlsGetRecordType>)> {
     let mut space = nix::cmsg_space!(u8);
-    let read = tcp.try_io(Interest::READABLE, || {
-        let mut iov = [IoSliceMut::new(&mut body)];
+    tcp.try_io(Interest::READABLE, || {
+        let mut iov = [IoSliceMut::new(body)];
         let msg = recvmsg::<()>(tcp.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT)?;
         let kind = msg.cmsgs().ok().and_then(|mut c| {
             c.find_map(|m| match m {
@@ -453,16 +458,19 @@ pub fn read_control(tcp: &TcpStream) -> Result<Control, ControlError> {
             })
         });
         Ok((msg.bytes, kind))
-    });
+    })
+}
+
+fn classify(read: io::Result<(usize, Option<TlsGetRecordType>)>, body: &[u8]) -> Result<Control, ControlError> {
     let (n, kind) = match read {
         Ok(x) => x,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Control::WouldBlock),
         Err(e) => return Err(ControlError::Io(e)),
     };
-    body.truncate(n);
+    let body = &body[..n];
     match kind {
         // No type: plain data (a socket whose peer sent nothing but application data).
-        None | Some(TlsGetRecordType::ApplicationData) => Ok(Control::Data(body)),
+        None | Some(TlsGetRecordType::ApplicationData) => Ok(Control::Data(body.to_vec())),
         Some(TlsGetRecordType::Alert) => match body.get(1) {
             Some(0) => Ok(Control::CloseNotify),
             Some(d) => Err(ControlError::Alert(*d)),
