@@ -241,14 +241,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadAhead<T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
     /// A connected pair of real sockets on loopback.
-    async fn pair() -> (TcpStream, TcpStream) {
+    pub(crate) async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let c = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
         let (s, _) = l.accept().await.expect("accept");

@@ -164,31 +164,25 @@ pub trait Handshaken: Sized {
     fn into_parts(self) -> (ReadAhead<TcpStream>, rustls::Connection);
 }
 
-impl Handshaken for tokio_rustls::server::TlsStream<ReadAhead<TcpStream>> {
-    fn io(&self) -> &ReadAhead<TcpStream> {
-        self.get_ref().0
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self.get_ref().1
-    }
-    fn into_parts(self) -> (ReadAhead<TcpStream>, rustls::Connection) {
-        let (io, conn) = self.into_inner();
-        (io, rustls::Connection::Server(conn))
-    }
+/// tokio-rustls' server and client streams differ only in their connection's type.
+macro_rules! handshaken {
+    ($stream:ty, $side:ident) => {
+        impl Handshaken for $stream {
+            fn io(&self) -> &ReadAhead<TcpStream> {
+                self.get_ref().0
+            }
+            fn common(&self) -> &rustls::CommonState {
+                self.get_ref().1
+            }
+            fn into_parts(self) -> (ReadAhead<TcpStream>, rustls::Connection) {
+                let (io, conn) = self.into_inner();
+                (io, rustls::Connection::$side(conn))
+            }
+        }
+    };
 }
-
-impl Handshaken for tokio_rustls::client::TlsStream<ReadAhead<TcpStream>> {
-    fn io(&self) -> &ReadAhead<TcpStream> {
-        self.get_ref().0
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self.get_ref().1
-    }
-    fn into_parts(self) -> (ReadAhead<TcpStream>, rustls::Connection) {
-        let (io, conn) = self.into_inner();
-        (io, rustls::Connection::Client(conn))
-    }
-}
+handshaken!(tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>, Server);
+handshaken!(tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, Client);
 
 /// A connection the kernel has: `tcp` carries plaintext both ways; `early` is plaintext read off
 /// the connection before the hand-over, to deliver first.
@@ -461,7 +455,10 @@ fn read_record(tcp: &TcpStream, body: &mut [u8]) -> io::Result<(usize, Option<Tl
     })
 }
 
-fn classify(read: io::Result<(usize, Option<TlsGetRecordType>)>, body: &[u8]) -> Result<Control, ControlError> {
+fn classify(
+    read: io::Result<(usize, Option<TlsGetRecordType>)>,
+    body: &[u8],
+) -> Result<Control, ControlError> {
     let (n, kind) = match read {
         Ok(x) => x,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Control::WouldBlock),

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::buffers::tests::pair;
 use crate::forward::{End, Leg, splice_pipe};
 
 /// The kernel's TLS, or `None` after saying loudly why the test does not run.
@@ -76,14 +77,6 @@ fn the_tls13_iv_is_the_kernels_salt_then_iv_and_the_sequence_is_big_endian() {
         }
         _ => panic!("wrong suite"),
     }
-}
-
-/// A connected pair of loopback sockets.
-async fn pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let c = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
-    let (s, _) = l.accept().await.expect("accept");
-    (c, s)
 }
 
 #[tokio::test]
