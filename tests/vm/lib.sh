@@ -32,7 +32,13 @@ vm_kernel() {
   if [ ! -d "$kdir/boot" ]; then
     vm_say "downloading $pkg"
     rm -rf "$work/deb" && mkdir -p "$work/deb"
-    (cd "$work/deb" && apt-get download -qq "$pkg" 2>/dev/null)
+    # Lists older than the archive name a package it no longer has: update once and ask again.
+    (cd "$work/deb" && apt-get download -qq "$pkg" 2>/dev/null) || {
+      apt-get update -qq
+      pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+      kdir="$work/kernel/$pkg"
+      (cd "$work/deb" && apt-get download -qq "$pkg" 2>/dev/null)
+    }
     mkdir -p "$kdir"
     dpkg-deb -x "$work"/deb/*.deb "$kdir"
     rm -rf "$work/deb"

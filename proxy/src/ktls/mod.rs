@@ -21,10 +21,11 @@
 //!   connection (the kernel this was written for cannot take new keys). [`send_close_notify`]
 //!   ends our direction as rustls would.
 //!
-//! Trade-offs: the keys are handed to the kernel, which holds them for the connection's life (the
-//! copies made here are overwritten when dropped by rustls' own types, not by this module's
-//! plain byte arrays). The kernel does not rekey, so a direction is closed before it reaches
-//! TLS 1.3's limit of 2^24.5 AES-GCM records under one key ([`RECORD_LIMIT`]).
+//! Trade-offs: the keys are handed to the kernel, which holds them for the connection's life.
+//! rustls' key type zeroes itself when dropped; the kernel-parameter structs built from it here
+//! are plain arrays on the stack and are not zeroed. The kernel does not rekey, so a direction is
+//! closed before it reaches TLS 1.3's limit of 2^24.5 AES-GCM records under one key
+//! ([`RECORD_LIMIT`]).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, Shutdown, TcpListener as StdListener, TcpStream as StdStream};
