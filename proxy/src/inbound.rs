@@ -285,6 +285,10 @@ async fn proxy_to_app(
         Downstream::Plain(tcp) => {
             Box::pin(forward::splice_pipe(Leg::plain(tcp), Leg::plain(app), idle, cancel)).await
         }
+        Downstream::Tls(stream) if !shared.may_offload() => {
+            shared.count_no_offload(Direction::Inbound);
+            forward::pipe(stream, app, idle, cancel).await
+        }
         Downstream::Tls(stream) => {
             let (sniffed, tls) = stream.into_parts();
             match shared.offload(Direction::Inbound, peer, tls, sniffed) {
