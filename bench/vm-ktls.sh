@@ -40,7 +40,7 @@ echo "ktls-vm: kernel run exit \$?"
 for r in rustls kernel; do
   echo "ktls-vm: ==== \$r"
   grep -E '^\| (system|keycard-l4) ' /tmp/\$r/RESULTS.md | sed 's/^/ktls-vm: /'
-  grep -E 'errors|error' /tmp/\$r.log | head -5 | sed 's/^/ktls-vm: /'
+  grep -i error /tmp/\$r.log | head -5 | sed 's/^/ktls-vm: /'
 done
 poweroff -f
 EOF

@@ -138,62 +138,6 @@ impl Shared {
         decision
     }
 
-    /// Whether a mesh L4 connection's handshake should be read record by record, so that the
-    /// kernel can take it after.
-    pub fn may_offload(&self) -> bool {
-        self.kernel_tls.is_ok()
-    }
-
-    /// Offers a handshaken mesh L4 connection to kernel TLS and counts the outcome
-    /// (`keycard_tls_offload_total`). `Err(None)`: the hand-over failed half-way and the
-    /// connection is gone (logged as a refusal).
-    pub fn offload<S: crate::ktls::Handshaken>(
-        &self,
-        direction: Direction,
-        peer: SocketAddr,
-        stream: S,
-        sniffed: bytes::Bytes,
-    ) -> Result<crate::ktls::Offloaded, Option<(S, bytes::Bytes)>> {
-        use crate::ktls::Declined;
-        let count =
-            |result: &str| self.metrics.tls_offload.with_label_values(&[direction.as_str(), result]).inc();
-        let kernel = match &self.kernel_tls {
-            Ok(k) => k,
-            Err(refused) => {
-                count(refused.as_str());
-                return Err(Some((stream, sniffed)));
-            }
-        };
-        match kernel.hand_over(stream, sniffed) {
-            Ok(offloaded) => {
-                count("kernel");
-                Ok(offloaded)
-            }
-            Err(Declined::Kept(stream, sniffed, refused)) => {
-                count(refused.as_str());
-                Err(Some((stream, sniffed)))
-            }
-            Err(Declined::Lost(detail)) => {
-                count("lost");
-                self.handshake_failed(direction, peer, "kernel_tls_setup", &detail);
-                Err(None)
-            }
-        }
-    }
-
-    /// Counts a mesh L4 connection's `keycard_tls_offload_total{direction, result}`.
-    pub fn count_offload(&self, direction: Direction, result: &str) {
-        self.metrics.tls_offload.with_label_values(&[direction.as_str(), result]).inc();
-    }
-
-    /// Counts a mesh L4 connection that was not offered to the kernel because there is none to
-    /// offer it to (`off` or `unavailable`).
-    pub fn count_no_offload(&self, direction: Direction) {
-        if let Err(refused) = &self.kernel_tls {
-            self.count_offload(direction, refused.as_str());
-        }
-    }
-
     pub fn handshake_failed(
         &self,
         direction: Direction,
@@ -306,33 +250,6 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// The reason label and a detail line for a failed TLS handshake.
-/// Kernel TLS as configured and found: probed once, logged, and shown by
-/// `keycard_tls_offload_available`.
-fn probe_kernel_tls(
-    setting: keycard_config::sidecar::KernelOffload,
-    metrics: &ProxyMetrics,
-) -> Result<crate::ktls::KernelTls, crate::ktls::Refused> {
-    use crate::ktls::Refused;
-    let found = match setting {
-        keycard_config::sidecar::KernelOffload::Off => {
-            info!("kernel TLS off (tls.kernel_offload: off): rustls keeps every connection");
-            Err(Refused::Off)
-        }
-        keycard_config::sidecar::KernelOffload::Auto => match crate::ktls::probe() {
-            Ok(k) => {
-                info!(suites = %k.describe(), "kernel TLS: mesh L4 connections move to it after their handshake");
-                Ok(k)
-            }
-            Err(e) => {
-                info!("kernel TLS not used: {e}");
-                Err(Refused::Unavailable)
-            }
-        },
-    };
-    metrics.tls_offload_available.set(i64::from(found.is_ok()));
-    found
-}
-
 pub fn classify_tls_error(e: &std::io::Error) -> (&'static str, String) {
     use rustls::{CertificateError, Error as R};
     let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<R>()) else {
@@ -475,7 +392,7 @@ impl Sidecar {
             metrics: local(&admin[1], cfg.metrics),
             readiness: local(&admin[2], cfg.readiness),
         };
-        let kernel_tls = probe_kernel_tls(cfg.tls.kernel_offload, &metrics);
+        let kernel_tls = crate::ktls::offer::probe_at_start(cfg.tls.kernel_offload, &metrics);
         let shared = Arc::new(Shared {
             id,
             tls,

@@ -20,6 +20,7 @@
 //!   stream, a late `NewSessionTicket` is dropped, a `KeyUpdate` or any other alert ends the
 //!   connection (the kernel this was written for cannot take new keys). [`send_close_notify`]
 //!   ends our direction as rustls would.
+//! - [`offer`] is the sidecar's side: the probe at start, each connection offered and counted.
 //!
 //! Trade-offs: the keys are handed to the kernel, which holds them for the connection's life.
 //! rustls' key type zeroes itself when dropped; the kernel-parameter structs built from it here
@@ -39,6 +40,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::buffers::ReadAhead;
+
+pub mod offer;
 
 /// Records one direction may send under one key before the connection is closed: below
 /// TLS 1.3's AES-GCM limit of 2^24.5 (RFC 8446 §5.5), which rustls would meet with a KeyUpdate.

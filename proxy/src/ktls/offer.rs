@@ -1,0 +1,90 @@
+//! The sidecar's side of kernel TLS: the probe at start (logged, and shown by
+//! `keycard_tls_offload_available`), and each mesh L4 connection offered to the kernel and
+//! counted in `keycard_tls_offload_total{direction, result}`.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use keycard_config::sidecar::KernelOffload;
+use tracing::info;
+
+use super::{Declined, Handshaken, KernelTls, Offloaded, Refused};
+use crate::metrics::ProxyMetrics;
+use crate::sidecar::{Direction, Shared};
+
+/// Kernel TLS as configured and found: the suites the probe found, or why it is not used.
+pub(crate) fn probe_at_start(setting: KernelOffload, metrics: &ProxyMetrics) -> Result<KernelTls, Refused> {
+    let found = match setting {
+        KernelOffload::Off => {
+            info!("kernel TLS off (tls.kernel_offload: off): rustls keeps every connection");
+            Err(Refused::Off)
+        }
+        KernelOffload::Auto => match super::probe() {
+            Ok(k) => {
+                info!(suites = %k.describe(), "kernel TLS: mesh L4 connections move to it after their handshake");
+                Ok(k)
+            }
+            Err(e) => {
+                info!("kernel TLS not used: {e}");
+                Err(Refused::Unavailable)
+            }
+        },
+    };
+    metrics.tls_offload_available.set(i64::from(found.is_ok()));
+    found
+}
+
+impl Shared {
+    /// Whether a mesh L4 connection's handshake should be read record by record, so that the
+    /// kernel can take it after.
+    pub fn may_offload(&self) -> bool {
+        self.kernel_tls.is_ok()
+    }
+
+    /// Offers a handshaken mesh L4 connection to kernel TLS and counts the outcome. `Err(None)`:
+    /// the hand-over failed half-way and the connection is gone (logged as a refusal).
+    pub fn offload<S: Handshaken>(
+        &self,
+        direction: Direction,
+        peer: SocketAddr,
+        stream: S,
+        sniffed: Bytes,
+    ) -> Result<Offloaded, Option<(S, Bytes)>> {
+        let kernel = match &self.kernel_tls {
+            Ok(k) => k,
+            Err(refused) => {
+                self.count_offload(direction, refused.as_str());
+                return Err(Some((stream, sniffed)));
+            }
+        };
+        match kernel.hand_over(stream, sniffed) {
+            Ok(offloaded) => {
+                self.count_offload(direction, "kernel");
+                Ok(offloaded)
+            }
+            Err(Declined::Kept(stream, sniffed, refused)) => {
+                self.count_offload(direction, refused.as_str());
+                Err(Some((stream, sniffed)))
+            }
+            Err(Declined::Lost(detail)) => {
+                self.count_offload(direction, "lost");
+                self.handshake_failed(direction, peer, "kernel_tls_setup", &detail);
+                Err(None)
+            }
+        }
+    }
+
+    /// Counts a mesh L4 connection's `keycard_tls_offload_total{direction, result}`: one label
+    /// lookup per connection, next to a handshake of about a million instructions.
+    pub fn count_offload(&self, direction: Direction, result: &str) {
+        self.metrics.tls_offload.with_label_values(&[direction.as_str(), result]).inc();
+    }
+
+    /// Counts a mesh L4 connection that was not offered to the kernel because there is none to
+    /// offer it to (`off` or `unavailable`).
+    pub fn count_no_offload(&self, direction: Direction) {
+        if let Err(refused) = &self.kernel_tls {
+            self.count_offload(direction, refused.as_str());
+        }
+    }
+}
