@@ -644,3 +644,50 @@ async fn a_second_root_added_to_the_bundle_file_is_trusted_without_restart() {
     assert_eq!(v["trust_bundle"].as_array().unwrap().len(), 2);
     server.run.shutdown().await;
 }
+
+/// Istio's byte counters on both sidecars: `sent` is what went back to the connection's
+/// initiator (the response), `received` what came from it, for the source and the destination
+/// reporter alike. The app answers a 4-byte request with 1,000 bytes and closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_byte_counters_count_the_response_as_sent_on_both_sidecars() {
+    let pki = Pki::new();
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = app.accept().await.unwrap();
+        let mut req = [0u8; 4];
+        s.read_exact(&mut req).await.unwrap();
+        s.write_all(&[7u8; 1000]).await.unwrap();
+    });
+    let dir = policy_dir(&details_policy());
+    let server = start(config(SidecarSpec {
+        ns: "default",
+        sa: "bookinfo-details",
+        labels: &[("app", "details")],
+        identity: pki.files("default", "bookinfo-details"),
+        inbound: vec![(9080, app_addr)],
+        outbound: vec![],
+        policy: Some(dir.path().to_owned()),
+    }))
+    .await;
+    let pp = client(&pki, "default", "bookinfo-productpage", vec![(server.inbound(9080), vec![])]).await;
+    let mut s = TcpStream::connect(pp.addrs.outbound[0]).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await.unwrap().unwrap();
+    assert_eq!(got.len(), 1000);
+    drop(s);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (run, reporter) in [(&server, "reporter=\"destination\""), (&pp, "reporter=\"source\"")] {
+        while metric_sum(&run.metrics(), "istio_tcp_connections_closed_total", &[reporter]) < 1.0 {
+            assert!(Instant::now() < deadline, "{reporter}: the connection was never counted closed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let m = run.metrics();
+        assert_eq!(metric_sum(&m, "istio_tcp_sent_bytes_total", &[reporter]), 1000.0, "{m}");
+        assert_eq!(metric_sum(&m, "istio_tcp_received_bytes_total", &[reporter]), 4.0, "{m}");
+    }
+    pp.shutdown().await;
+    server.shutdown().await;
+}

@@ -18,7 +18,7 @@ use crate::access::{Access, end_reason};
 use crate::forward::{self, ConnectError, Leg};
 use crate::inbound::PortHandler;
 use crate::outbound::UpstreamHandler;
-use crate::sidecar::{Direction, Shared};
+use crate::sidecar::{Direction, Serving, Shared};
 
 /// Where a redirected connection was going, as netfilter's connection tracking recorded it.
 pub fn original_dst(tcp: &TcpStream) -> io::Result<SocketAddr> {
@@ -66,11 +66,11 @@ pub async fn serve_inbound(
     crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
         let (shared, known, made) = (shared.clone(), known.clone(), made.clone());
         async move {
-            let Some(dst) = redirected(&shared, &tcp, peer, Direction::Inbound) else { return };
+            let dst = redirected(&shared, &tcp, peer, Direction::Inbound)?;
             let handler = match known.get(&dst.port()) {
                 Some(h) => h.clone(),
                 None => {
-                    let Ok(mut made) = made.lock() else { return };
+                    let mut made = made.lock().ok()?;
                     made.entry(dst.port())
                         .or_insert_with(|| {
                             let port = InboundPort {
@@ -85,7 +85,7 @@ pub async fn serve_inbound(
                         .clone()
                 }
             };
-            handler.handle(&shared, tcp, peer, dst).await;
+            handler.set_up(&shared, tcp, peer, dst).await
         }
     })
     .await;
@@ -105,13 +105,14 @@ pub async fn serve_outbound(
     crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
         let (shared, by_dst) = (shared.clone(), by_dst.clone());
         async move {
-            let Some(dst) = redirected(&shared, &tcp, peer, Direction::Outbound) else { return };
+            let dst = redirected(&shared, &tcp, peer, Direction::Outbound)?;
             match (by_dst.get(&dst), policy) {
-                (Some(up), _) => up.handle(&shared, tcp, peer).await,
+                (Some(up), _) => up.set_up(&shared, tcp, peer).await,
                 (None, OutboundPolicy::AllowAny) => passthrough(&shared, tcp, peer, dst).await,
                 (None, OutboundPolicy::RegistryOnly) => {
                     let detail = format!("{dst} is no configured upstream (outbound_policy: registry_only)");
                     shared.handshake_failed(Direction::Outbound, peer, "no_route", &detail);
+                    None
                 }
             }
         }
@@ -120,8 +121,47 @@ pub async fn serve_outbound(
 }
 
 /// Istio's PassthroughCluster: bytes to the original destination, no TLS, logged and counted.
-async fn passthrough(shared: &Shared, app: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-    let event = Access {
+async fn passthrough(
+    shared: &Arc<Shared>,
+    app: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Option<Serving> {
+    let event = passthrough_event(shared, peer, dst, Instant::now());
+    let _ = app.set_nodelay(true);
+    let remote = match forward::connect(dst, shared.limits.connect_timeout).await {
+        Ok(s) => s,
+        Err(ConnectError::Failed(e)) => {
+            event.log("fail", "connect_failed", &e.to_string(), 0, 0);
+            return None;
+        }
+        Err(ConnectError::TimedOut) => {
+            event.log("fail", "connect_timeout", "", 0, 0);
+            return None;
+        }
+    };
+    let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
+    let counters = shared.open_tcp(&labels);
+    let legs: forward::Legs<TcpStream, TcpStream> =
+        forward::Legs::Spliced(Leg::plain(app), Leg::plain(remote));
+    let (shared, started) = (shared.clone(), event.started);
+    Some(Box::pin(async move {
+        shared.metrics.active.inc();
+        let t = legs.forward(shared.limits.idle_timeout, shared.drain.child_token()).await;
+        shared.metrics.active.dec();
+        counters.finish(t.backward, t.forward);
+        passthrough_event(&shared, peer, dst, started).log(
+            "allow",
+            end_reason(t.end),
+            "",
+            t.backward,
+            t.forward,
+        );
+    }))
+}
+
+fn passthrough_event(shared: &Shared, peer: SocketAddr, dst: SocketAddr, started: Instant) -> Access<'_> {
+    Access {
         direction: Direction::Outbound,
         src_addr: peer,
         src_identity: Some(&shared.id),
@@ -130,25 +170,6 @@ async fn passthrough(shared: &Shared, app: TcpStream, peer: SocketAddr, dst: Soc
         port: dst.port(),
         mtls: false,
         policy: "passthrough",
-        started: Instant::now(),
-    };
-    let _ = app.set_nodelay(true);
-    let remote = match forward::connect(dst, shared.limits.connect_timeout).await {
-        Ok(s) => s,
-        Err(ConnectError::Failed(e)) => return event.log("fail", "connect_failed", &e.to_string(), 0, 0),
-        Err(ConnectError::TimedOut) => return event.log("fail", "connect_timeout", "", 0, 0),
-    };
-    let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
-    shared.record_tcp(&labels, false);
-    shared.metrics.active.inc();
-    let t = forward::splice_pipe(
-        Leg::plain(app),
-        Leg::plain(remote),
-        shared.limits.idle_timeout,
-        shared.drain.child_token(),
-    )
-    .await;
-    shared.metrics.active.dec();
-    shared.finish_tcp(&labels, t.forward, t.backward);
-    event.log("allow", end_reason(t.end), "", t.backward, t.forward);
+        started,
+    }
 }

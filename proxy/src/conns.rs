@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use keycard_config::SpiffeId;
 use tokio_util::sync::CancellationToken;
@@ -28,18 +28,18 @@ pub struct LiveConns {
 }
 
 /// Removes its connection from the registry when dropped.
-pub struct Registration<'a> {
-    live: &'a LiveConns,
+pub struct Registration {
+    live: Arc<LiveConns>,
     id: u64,
 }
 
 impl LiveConns {
-    pub fn register(&self, facts: ConnFacts, cancel: CancellationToken) -> Registration<'_> {
+    pub fn register(self: &Arc<Self>, facts: ConnFacts, cancel: CancellationToken) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut m) = self.map.lock() {
             m.insert(id, (facts, cancel));
         }
-        Registration { live: self, id }
+        Registration { live: self.clone(), id }
     }
 
     /// Cancels every connection for which `denied` returns the deciding policy; returns those.
@@ -63,7 +63,7 @@ impl LiveConns {
     }
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut m) = self.live.map.lock() {
             m.remove(&self.id);

@@ -211,26 +211,260 @@ impl Leg {
     }
 }
 
+/// A set-up connection's two legs, downstream first: spliced where both are plain TCP or kernel
+/// TLS, else copied through user space (rustls).
+pub enum Legs<D, U> {
+    Spliced(Leg, Leg),
+    Copied(D, U),
+}
+
+impl<D, U> Legs<D, U>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Forwards both ways ([`splice_pipe`] or [`pipe`]) until both sides close, the idle
+    /// deadline or `cancel`. The future is on the heap, so a connection's own state holds a
+    /// pointer to it rather than a slot of its size.
+    pub fn forward(
+        self,
+        idle: Duration,
+        cancel: CancellationToken,
+    ) -> Pin<Box<dyn std::future::Future<Output = Totals> + Send>> {
+        match self {
+            Self::Spliced(a, b) => Box::pin(splice_pipe(a, b, idle, cancel)),
+            Self::Copied(a, b) => Box::pin(pipe(a, b, idle, cancel)),
+        }
+    }
+}
+
 /// `splice(2)` through a pipe each way, so the bytes never enter user space. Same contract as
 /// [`pipe`]: both directions, half-close, idle deadline, cancellation. A kernel-TLS leg ends its
 /// direction with `close_notify`, and one that ends without it (or with another alert) is an
 /// error, as rustls treats it.
-pub async fn splice_pipe(a: Leg, b: Leg, idle: Duration, cancel: CancellationToken) -> Totals {
-    let start = Instant::now();
-    let activity = AtomicU64::new(0);
-    let (fwd, bwd) = (AtomicU64::new(0), AtomicU64::new(0));
-    let both = async {
-        tokio::join!(
-            splice_one_way(&a, &b, &fwd, &activity, start),
-            splice_one_way(&b, &a, &bwd, &activity, start)
-        )
-    };
-    let end = tokio::select! {
-        (x, y) = both => if x.is_ok() && y.is_ok() { End::Done } else { End::Error },
-        () = idle_watchdog(start, &activity, idle) => End::Idle,
-        () = cancel.cancelled() => End::Cancelled,
-    };
-    Totals { forward: fwd.load(Ordering::Relaxed), backward: bwd.load(Ordering::Relaxed), end }
+///
+/// Each direction is a small state machine polled by hand rather than an `async fn`: an idle
+/// spliced connection is little more than this future, and as two joined `async fn`s (every
+/// state's slots side by side) it was 1.2 KB.
+pub fn splice_pipe(
+    a: Leg,
+    b: Leg,
+    idle: Duration,
+    cancel: CancellationToken,
+) -> impl Future<Output = Totals> {
+    // Made here, not in the block: an `async` block keeps a slot for what it captures, so moving
+    // the legs in there would keep them twice.
+    let mut splice = Splice::new(a, b);
+    async move {
+        let start = Instant::now();
+        let activity = AtomicU64::new(0);
+        let end = tokio::select! {
+            (x, y) = std::future::poll_fn(|cx| splice.poll(cx, &activity, start)) => {
+                if x && y { End::Done } else { End::Error }
+            }
+            () = idle_watchdog(start, &activity, idle) => End::Idle,
+            () = cancel.cancelled() => End::Cancelled,
+        };
+        Totals { forward: splice.ways[0].moved, backward: splice.ways[1].moved, end }
+    }
+}
+
+/// A spliced connection: `ways[0]` moves `legs[0]`'s bytes to `legs[1]`, `ways[1]` the reverse.
+struct Splice {
+    legs: [Leg; 2],
+    ways: [Way; 2],
+}
+
+/// One direction of a spliced connection.
+struct Way {
+    state: WayState,
+    /// Bytes moved.
+    moved: u64,
+    /// Records sent toward a kernel-TLS leg under its one key, counted from above.
+    records: u64,
+}
+
+enum WayState {
+    /// Plaintext to write first: bytes read off the source before it was spliced, or a record
+    /// of data read with its type; the second field is how much is written.
+    Writing(Vec<u8>, usize),
+    /// Waiting for the source to be readable (where an idle connection waits; no pipe held).
+    Reading,
+    /// `moved` bytes went into the pipe; `left` of them are still to go out.
+    Draining { pipe: Pipe, moved: usize, left: usize },
+    /// Ending our writing toward the destination: `close_notify` first where it is kernel TLS
+    /// (`notify` until sent), then a TCP half-close. `ok` is the direction's outcome so far.
+    Closing { notify: bool, ok: bool },
+    /// Finished: whether without error.
+    Done(bool),
+}
+
+impl Splice {
+    fn new(mut a: Leg, mut b: Leg) -> Self {
+        let ways = [Way::new(std::mem::take(&mut a.early)), Way::new(std::mem::take(&mut b.early))];
+        Self { legs: [a, b], ways }
+    }
+
+    /// Ready when both directions are done, with whether each ended cleanly.
+    fn poll(&mut self, cx: &mut Context<'_>, activity: &AtomicU64, start: Instant) -> Poll<(bool, bool)> {
+        let [a, b] = &self.legs;
+        let [forward, backward] = &mut self.ways;
+        let x = forward.poll(cx, a, b, activity, start);
+        let y = backward.poll(cx, b, a, activity, start);
+        match (x, y) {
+            (Poll::Ready(x), Poll::Ready(y)) => Poll::Ready((x, y)),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+impl Way {
+    fn new(early: Vec<u8>) -> Self {
+        let state = if early.is_empty() { WayState::Reading } else { WayState::Writing(early, 0) };
+        Self { state, moved: 0, records: 0 }
+    }
+
+    /// Moves bytes from `from` to `to` until the source would block (`Pending`, with `cx`'s
+    /// waker in the socket's reader or writer slot) or the direction is done.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &Leg,
+        to: &Leg,
+        activity: &AtomicU64,
+        start: Instant,
+    ) -> Poll<bool> {
+        use nix::fcntl::{SpliceFFlags, splice};
+        use tokio::io::Interest;
+        let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+        let closing = |ok| WayState::Closing { notify: to.kernel_tls, ok };
+        loop {
+            let next = match &mut self.state {
+                WayState::Done(ok) => return Poll::Ready(*ok),
+                WayState::Writing(bytes, at) => {
+                    if *at < bytes.len() {
+                        if std::task::ready!(to.tcp.poll_write_ready(cx)).is_err() {
+                            self.state = WayState::Done(false);
+                            continue;
+                        }
+                        match to.tcp.try_write(&bytes[*at..]) {
+                            Ok(n) => *at += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => self.state = WayState::Done(false),
+                        }
+                        continue;
+                    }
+                    let n = bytes.len();
+                    self.wrote(n, n, activity, start);
+                    self.after_write(to)
+                }
+                WayState::Reading => {
+                    if std::task::ready!(from.tcp.poll_read_ready(cx)).is_err() {
+                        self.state = WayState::Done(false);
+                        continue;
+                    }
+                    // A direction holds a pipe only while bytes are in it.
+                    let Ok(pipe) = Pipe::take() else {
+                        self.state = closing(false);
+                        continue;
+                    };
+                    let spliced = from.tcp.try_io(Interest::READABLE, || {
+                        splice(&from.tcp, None, &pipe.w, None, SPLICE_CHUNK, flags)
+                            .map_err(std::io::Error::from)
+                    });
+                    match spliced {
+                        Ok(n) if n > 0 => WayState::Draining { pipe, moved: n, left: n },
+                        other => {
+                            pipe.give_back();
+                            match other {
+                                // The TCP stream ended without close_notify: possibly cut short.
+                                Ok(_) => closing(!from.kernel_tls),
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                                // A record that is not application data heads the queue (kernel
+                                // TLS refuses to splice it): read it with its type.
+                                Err(e) if from.kernel_tls && e.raw_os_error() == Some(libc::EINVAL) => {
+                                    use crate::ktls::Control;
+                                    match crate::ktls::read_control(&from.tcp) {
+                                        Ok(Control::CloseNotify) => closing(true),
+                                        Ok(Control::Skipped | Control::WouldBlock) => continue,
+                                        Ok(Control::Data(bytes)) => WayState::Writing(bytes, 0),
+                                        Err(_) => closing(false),
+                                    }
+                                }
+                                Err(_) => closing(false),
+                            }
+                        }
+                    }
+                }
+                WayState::Draining { pipe, moved, left } => {
+                    if *left > 0 {
+                        if std::task::ready!(to.tcp.poll_write_ready(cx)).is_err() {
+                            self.state = WayState::Done(false);
+                            continue;
+                        }
+                        let written = to.tcp.try_io(Interest::WRITABLE, || {
+                            splice(&pipe.r, None, &to.tcp, None, *left, flags).map_err(std::io::Error::from)
+                        });
+                        match written {
+                            Ok(m) => {
+                                *left -= m;
+                                self.records += (m as u64).div_ceil(RECORD);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            // The pipe still holds bytes: it is closed here, never lent again.
+                            Err(_) => self.state = WayState::Done(false),
+                        }
+                        continue;
+                    }
+                    let moved = *moved;
+                    if let WayState::Draining { pipe, .. } =
+                        std::mem::replace(&mut self.state, WayState::Reading)
+                    {
+                        pipe.give_back();
+                    }
+                    self.wrote(moved, 0, activity, start);
+                    self.after_write(to)
+                }
+                WayState::Closing { notify, ok } => {
+                    if *notify {
+                        if std::task::ready!(to.tcp.poll_write_ready(cx)).is_err() {
+                            self.state = WayState::Done(false);
+                            continue;
+                        }
+                        match crate::ktls::try_close_notify(&to.tcp) {
+                            Ok(()) => *notify = false,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => {
+                                *notify = false;
+                                *ok = false;
+                            }
+                        }
+                        continue;
+                    }
+                    let shut = socket2::SockRef::from(&to.tcp).shutdown(std::net::Shutdown::Write);
+                    WayState::Done(*ok && shut.is_ok())
+                }
+            };
+            self.state = next;
+        }
+    }
+
+    /// Counts `n` bytes delivered, `plain` of them written from user space (splices count their
+    /// records as they go).
+    fn wrote(&mut self, n: usize, plain: usize, activity: &AtomicU64, start: Instant) {
+        self.moved += n as u64;
+        self.records += (plain as u64).div_ceil(RECORD);
+        activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Reading again, unless a kernel-TLS destination has had all the records one key may seal
+    /// (this kernel cannot take new keys): then the direction fails.
+    fn after_write(&self, to: &Leg) -> WayState {
+        if to.kernel_tls && self.records >= crate::ktls::RECORD_LIMIT {
+            return WayState::Done(false);
+        }
+        WayState::Reading
+    }
 }
 
 /// The most one `splice` call moves: the default pipe capacity.
@@ -239,96 +473,6 @@ const SPLICE_CHUNK: usize = 64 * 1024;
 /// The largest TLS record's plaintext: a kernel-TLS write of `n` bytes makes at least
 /// `n / RECORD` records.
 const RECORD: u64 = 16 * 1024;
-
-async fn splice_one_way(
-    from: &Leg,
-    to: &Leg,
-    count: &AtomicU64,
-    activity: &AtomicU64,
-    start: Instant,
-) -> std::io::Result<()> {
-    use nix::fcntl::{SpliceFFlags, splice};
-    use tokio::io::Interest;
-    let (src, dst) = (&from.tcp, &to.tcp);
-    // Records sent toward a kernel-TLS leg under its one key, counted from above.
-    let mut records = 0u64;
-    if !from.early.is_empty() {
-        write_all(dst, &from.early).await?;
-        records += (from.early.len() as u64).div_ceil(RECORD);
-        count.fetch_add(from.early.len() as u64, Ordering::Relaxed);
-    }
-    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
-    loop {
-        src.readable().await?;
-        // A direction holds a pipe only while bytes are in it (an idle connection holds none).
-        let pipe = Pipe::take()?;
-        let moved = src.try_io(Interest::READABLE, || {
-            splice(src, None, &pipe.w, None, SPLICE_CHUNK, flags).map_err(std::io::Error::from)
-        });
-        let n = match moved {
-            Ok(n) if n > 0 => n,
-            other => {
-                pipe.give_back();
-                match other {
-                    Ok(_) if from.kernel_tls => {
-                        // The TCP stream ended without close_notify: possibly cut short.
-                        let _ = close_write(to).await;
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "no close_notify",
-                        ));
-                    }
-                    Ok(_) => return close_write(to).await,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    // A record that is not application data heads the queue (kernel TLS refuses
-                    // to splice it): read it with its type.
-                    Err(e) if from.kernel_tls && e.raw_os_error() == Some(libc::EINVAL) => {
-                        use crate::ktls::Control;
-                        match crate::ktls::read_control(src) {
-                            Ok(Control::CloseNotify) => return close_write(to).await,
-                            Ok(Control::Skipped | Control::WouldBlock) => continue,
-                            Ok(Control::Data(bytes)) => {
-                                write_all(dst, &bytes).await?;
-                                records += (bytes.len() as u64).div_ceil(RECORD);
-                                count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                                continue;
-                            }
-                            Err(e) => {
-                                let _ = close_write(to).await;
-                                return Err(std::io::Error::other(e));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = close_write(to).await;
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        let mut left = n;
-        while left > 0 {
-            dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(&pipe.r, None, dst, None, left, flags).map_err(std::io::Error::from)
-            }) {
-                Ok(m) => {
-                    left -= m;
-                    records += (m as u64).div_ceil(RECORD);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                // The pipe still holds bytes: it is closed here, never lent again.
-                Err(e) => return Err(e),
-            }
-        }
-        pipe.give_back();
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if to.kernel_tls && records >= crate::ktls::RECORD_LIMIT {
-            return Err(std::io::Error::other("kernel TLS record limit under one key reached"));
-        }
-    }
-}
 
 /// A pipe for `splice(2)`, lent per thread like [`crate::buffers`]' buffers: taken when bytes
 /// are ready to move and given back once it is empty again, so an idle spliced connection holds
@@ -364,27 +508,6 @@ impl Pipe {
             }
         });
     }
-}
-
-/// Writes all of `bytes` to a non-blocking socket.
-async fn write_all(tcp: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        tcp.writable().await?;
-        match tcp.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Ends our writing on `leg`: `close_notify` first on a kernel-TLS leg, then a TCP half-close.
-async fn close_write(leg: &Leg) -> std::io::Result<()> {
-    if leg.kernel_tls {
-        crate::ktls::send_close_notify(&leg.tcp).await?;
-    }
-    socket2::SockRef::from(&leg.tcp).shutdown(std::net::Shutdown::Write)
 }
 
 #[cfg(test)]

@@ -14,14 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
 use crate::buffers::ReadAhead;
-use crate::conns::ConnFacts;
+use crate::conns::{ConnFacts, Registration};
 use crate::detect::{self, Detected};
-use crate::forward::{self, Leg};
+use crate::forward::{self, Leg, Legs};
 use crate::http::headers::xfcc_element;
 use crate::http::inbound::{InboundHttp, Peer};
 use crate::http::sniff::{self, Rewind, Sniffed};
 use crate::metrics::with_flags;
-use crate::sidecar::{Direction, Shared};
+use crate::sidecar::{Direction, Serving, Shared, TcpCounters};
 use crate::tls::{MESH_ALPNS, peer_identity};
 
 /// One inbound port: its settings and, where it may carry HTTP, its HTTP server state. Its own
@@ -42,10 +42,27 @@ impl PortHandler {
         &self.port
     }
 
-    /// Serves one accepted connection. `local` is where the peer meant to connect: the
-    /// listener's address, or the original destination of a captured connection.
-    pub async fn handle(&self, shared: &Shared, tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
-        handle(shared, &self.port, self.http.as_ref(), tcp, peer, local).await;
+    /// Sets up one accepted connection (detection, mutual TLS, authorization, the app's
+    /// connect) and returns what serves it from then on. `local` is where the peer meant to
+    /// connect: the listener's address, or the original destination of a captured connection.
+    pub async fn set_up(
+        &self,
+        shared: &Arc<Shared>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<Serving> {
+        match set_up(shared, &self.port, self.http.is_some(), tcp, peer, local).await {
+            Ready::Done => None,
+            Ready::App(conn) => Some(Box::pin(conn.forward(shared.clone()))),
+            Ready::Http(conn, peer) => {
+                let http = self.http.clone()?;
+                Some(match conn {
+                    Downstream::Plain(tcp) => Box::pin(async move { http.serve_conn(tcp, peer).await }),
+                    Downstream::Tls(stream) => Box::pin(async move { http.serve_conn(stream, peer).await }),
+                })
+            }
+        }
     }
 }
 
@@ -58,21 +75,32 @@ pub async fn serve(
     crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
         let (shared, port) = (shared.clone(), port.clone());
         async move {
-            let Ok(local) = tcp.local_addr() else { return };
-            port.handle(&shared, tcp, peer, local).await;
+            let local = tcp.local_addr().ok()?;
+            port.set_up(&shared, tcp, peer, local).await
         }
     })
     .await;
 }
 
-async fn handle(
+/// What a set-up connection goes on to (returned once, so the variants' sizes matter little).
+#[allow(clippy::large_enum_variant)]
+enum Ready {
+    /// Refused or failed (logged and counted).
+    Done,
+    /// HTTP, served per request.
+    Http(Downstream, Peer),
+    /// Allowed to the app, whose leg is open.
+    App(ToApp),
+}
+
+async fn set_up(
     shared: &Shared,
     port: &InboundPort,
-    http: Option<&Arc<InboundHttp>>,
+    http: bool,
     tcp: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-) {
+) -> Ready {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let policy = shared.policy.borrow().clone();
@@ -93,7 +121,7 @@ async fn handle(
                 "timeout",
                 "no bytes before the detection deadline",
             );
-            return;
+            return Ready::Done;
         }
         (MtlsMode::Strict, Detected::Plaintext) => {
             shared.handshake_failed(
@@ -102,7 +130,7 @@ async fn handle(
                 "plaintext_in_strict",
                 "plaintext on a STRICT port",
             );
-            return;
+            return Ready::Done;
         }
         (MtlsMode::Strict, Detected::Tls(_)) => true,
         // PERMISSIVE: only mesh TLS (by ALPN) is ours to terminate; the rest goes to the app as is.
@@ -113,12 +141,9 @@ async fn handle(
         shared.metrics.plaintext.with_label_values(&[&port.port.to_string()]).inc();
         shared.census(peer);
         shared.observed.connection(port.port, None, peer.ip());
-        if let Some(http) = http
-            && plaintext_is_http(shared, port, &tcp).await
-        {
+        if http && plaintext_is_http(shared, port, &tcp).await {
             let peer = Peer { addr: peer, local, identity: None, xfcc: None, sni: None };
-            Box::pin(http.serve_conn(tcp, peer)).await;
-            return;
+            return Ready::Http(Downstream::Plain(tcp), peer);
         }
         let facts = ConnFacts {
             source_ip: peer.ip(),
@@ -128,8 +153,7 @@ async fn handle(
             sni: None,
             http: false,
         };
-        proxy_to_app(shared, port, Downstream::Plain(tcp), facts, peer, started).await;
-        return;
+        return open_to_app(shared, port, Downstream::Plain(tcp), facts, peer, started).await;
     }
     let Some(tls) = shared.tls.borrow().clone() else {
         shared.handshake_failed(
@@ -138,19 +162,15 @@ async fn handle(
             "no_certificate_loaded",
             "this sidecar has no certificate yet",
         );
-        return;
+        return Ready::Done;
     };
     let acceptor = TlsAcceptor::from(tls.server.clone());
-    // The stream goes to the heap once, here, as a temporary: every later state (sniffing, HTTP,
-    // forwarding) holds a pointer to it. Held by value, each nested future kept a slot of the
-    // stream's size, and an idle connection's task carried several (ARCHITECTURE.md). For the
-    // same reason the futures only some connections need, or need only for a while (the
-    // handshake, HTTP serving, plaintext splicing), are boxed where they are awaited: a task is as
-    // large as its largest state, and an idle L4 connection's was 3.1 KB with them inline.
+    // The stream goes to the heap once, here: every later state (sniffing, HTTP, forwarding)
+    // holds a pointer to it rather than a slot of its size.
     let deadline = limits.handshake_timeout;
     // A connection that may stay L4 is read record by record while rustls does its handshake,
     // so that the kernel can take it after (crate::ktls).
-    let io = if (http.is_none() || port.protocol() == Protocol::Auto) && shared.may_offload() {
+    let io = if (!http || port.protocol() == Protocol::Auto) && shared.may_offload() {
         ReadAhead::record_exact(tcp)
     } else {
         ReadAhead::new(tcp)
@@ -161,12 +181,12 @@ async fn handle(
             Ok(Err(e)) => {
                 let (reason, detail) = crate::sidecar::classify_tls_error(&e);
                 shared.handshake_failed(Direction::Inbound, peer, reason, &detail);
-                return;
+                return Ready::Done;
             }
             Err(_) => {
                 let detail = "the TLS handshake did not finish in time";
                 shared.handshake_failed(Direction::Inbound, peer, "timeout", detail);
-                return;
+                return Ready::Done;
             }
         }));
     let (_, conn) = stream.get_ref().get_ref();
@@ -175,11 +195,11 @@ async fn handle(
     let sni = conn.server_name().map(str::to_owned);
     let mesh_http = conn.alpn_protocol().is_some_and(|a| HTTP_ALPNS.contains(&a));
     // This hop's XFCC element, for HTTP ports only (made once per connection, not per request).
-    let xfcc = http.and(principal.as_ref()).and_then(|p| {
+    let xfcc = principal.as_ref().filter(|_| http).and_then(|p| {
         let leaf = conn.peer_certificates()?.first()?;
         Some(xfcc_element(&shared.id, leaf.as_ref(), p))
     });
-    if let Some(http) = http {
+    if http {
         let is_http = match port.protocol() {
             Protocol::Auto if !mesh_http => {
                 let sniffed = sniff::read(&mut stream, limits.detect_timeout).await;
@@ -193,8 +213,7 @@ async fn handle(
         if is_http {
             stream.get_mut().get_mut().0.read_ahead_again();
             let peer = Peer { addr: peer, local, identity: principal, xfcc, sni };
-            Box::pin(http.serve_conn(stream, peer)).await;
-            return;
+            return Ready::Http(Downstream::Tls(stream), peer);
         }
     }
     let facts = ConnFacts {
@@ -205,7 +224,7 @@ async fn handle(
         sni,
         http: false,
     };
-    proxy_to_app(shared, port, Downstream::Tls(stream), facts, peer, started).await;
+    open_to_app(shared, port, Downstream::Tls(stream), facts, peer, started).await
 }
 
 /// ALPNs by which a peer sidecar says the stream is HTTP.
@@ -236,17 +255,19 @@ enum Downstream {
     Tls(MeshStream),
 }
 
-async fn proxy_to_app(
+/// Authorizes a connection and connects to the app: the connection to forward, or `Done` when
+/// it was denied or the app could not be reached (logged and counted).
+async fn open_to_app(
     shared: &Shared,
     port: &InboundPort,
     downstream: Downstream,
     facts: ConnFacts,
     peer: SocketAddr,
     started: Instant,
-) {
+) -> Ready {
     let mtls = facts.principal.is_some();
     let decision = shared.authorize(&facts);
-    let policy_label = match &decision {
+    let policy = match &decision {
         Ok(p) => p.policy_label(),
         Err(d) => d.policy_label(),
     };
@@ -259,54 +280,93 @@ async fn proxy_to_app(
         dst_identity: Some(&shared.id),
         port: port.port,
         mtls,
-        policy: &policy_label,
+        policy: &policy,
         started,
     };
     shared.observed.decision(port.port, facts.principal.as_ref(), peer.ip(), None, decision.is_ok());
     if let Err(denied) = decision {
-        shared.record_tcp(&with_flags(&labels, "RBAC"), true);
+        shared.refuse_tcp(&with_flags(&labels, "RBAC"));
         event.log("deny", denied.reason(), "", 0, 0);
-        return;
+        return Ready::Done;
     }
     let app = match forward::connect(port.app, shared.limits.connect_timeout).await {
         Ok(s) => s,
         Err(_) => {
-            shared.record_tcp(&with_flags(&labels, "UF"), true);
+            shared.refuse_tcp(&with_flags(&labels, "UF"));
             event.log("allow", "app_unreachable", "", 0, 0);
-            return;
+            return Ready::Done;
         }
     };
-    let cancel = shared.drain.child_token();
-    let _registration = shared.live.register(facts.clone(), cancel.clone());
-    shared.record_tcp(&labels, false);
-    shared.metrics.active.inc();
-    let idle = shared.limits.idle_timeout;
-    let totals = match downstream {
-        Downstream::Plain(tcp) => {
-            Box::pin(forward::splice_pipe(Leg::plain(tcp), Leg::plain(app), idle, cancel)).await
-        }
+    let legs = match downstream {
+        Downstream::Plain(tcp) => Legs::Spliced(Leg::plain(tcp), Leg::plain(app)),
         Downstream::Tls(stream) if !shared.may_offload() => {
             shared.count_no_offload(Direction::Inbound);
-            forward::pipe(stream, app, idle, cancel).await
+            Legs::Copied(stream, app)
         }
         Downstream::Tls(stream) => {
             let (sniffed, tls) = stream.into_parts();
             match shared.offload(Direction::Inbound, peer, tls, sniffed) {
-                Ok(kernel) => {
-                    let (down, app) = (Leg::kernel_tls(kernel), Leg::plain(app));
-                    Box::pin(forward::splice_pipe(down, app, idle, cancel)).await
-                }
+                Ok(kernel) => Legs::Spliced(Leg::kernel_tls(kernel), Leg::plain(app)),
                 Err(Some((mut tls, sniffed))) => {
                     tls.get_mut().0.read_ahead_again();
-                    forward::pipe(Box::new(Rewind::replaying(sniffed, tls)), app, idle, cancel).await
+                    Legs::Copied(Box::new(Rewind::replaying(sniffed, tls)), app)
                 }
-                Err(None) => forward::Totals { forward: 0, backward: 0, end: forward::End::Error },
+                Err(None) => {
+                    shared.refuse_tcp(&labels);
+                    event.log("allow", end_reason(forward::End::Error), "", 0, 0);
+                    return Ready::Done;
+                }
             }
         }
     };
-    shared.metrics.active.dec();
-    shared.finish_tcp(&labels, totals.backward, totals.forward);
-    event.log("allow", end_reason(totals.end), "", totals.backward, totals.forward);
+    let cancel = shared.drain.child_token();
+    let registration = shared.live.register(facts.clone(), cancel.clone());
+    let counters = shared.open_tcp(&labels);
+    let (app, port) = (port.app, port.port);
+    Ready::App(ToApp { legs, facts, policy, peer, app, port, started, cancel, counters, registration })
+}
+
+/// A connection allowed to the app, its app leg open: all that its long life keeps.
+struct ToApp {
+    legs: Legs<MeshStream, TcpStream>,
+    facts: ConnFacts,
+    policy: String,
+    peer: SocketAddr,
+    app: SocketAddr,
+    port: u16,
+    started: Instant,
+    cancel: CancellationToken,
+    counters: TcpCounters,
+    /// Dropped when the connection ends, which takes it out of the live registry.
+    registration: Registration,
+}
+
+impl ToApp {
+    /// An `async move` block, not an `async fn`, which would keep a second copy of `self`.
+    #[allow(clippy::manual_async_fn)]
+    fn forward(self, shared: Arc<Shared>) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            shared.metrics.active.inc();
+            let totals = self.legs.forward(shared.limits.idle_timeout, self.cancel).await;
+            shared.metrics.active.dec();
+            self.counters.finish(totals.backward, totals.forward);
+            let event = Access {
+                direction: Direction::Inbound,
+                src_addr: self.peer,
+                src_identity: self.facts.principal.as_ref(),
+                dst_addr: self.app,
+                dst_identity: Some(&shared.id),
+                port: self.port,
+                mtls: self.facts.principal.is_some(),
+                policy: &self.policy,
+                started: self.started,
+            };
+            event.log("allow", end_reason(totals.end), "", totals.backward, totals.forward);
+            // Named so the block takes it: a block captures only the fields it uses, and one it
+            // did not would be dropped (the connection unregistered) before the forwarding.
+            drop(self.registration);
+        }
+    }
 }
 
 /// Decides for a connection's facts with the given policies (also used on reload).

@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
 use crate::buffers::ReadAhead;
-use crate::forward::{self, ConnectError, Leg};
+use crate::forward::{self, ConnectError, Leg, Legs};
 use crate::http::sniff::Sniffed;
-use crate::sidecar::{Direction, Shared};
+use crate::sidecar::{Direction, Serving, Shared, TcpCounters};
 use crate::tls::{MeshTls, OUTBOUND_ALPN, peer_identity};
 
 /// How one upstream is reached, decided at start and on every policy reload.
@@ -141,21 +141,20 @@ impl UpstreamHandler {
         &self.up
     }
 
-    /// Serves one connection from the app.
-    pub async fn handle(&self, shared: &Shared, tcp: TcpStream, peer: SocketAddr) {
+    /// Sets up one connection from the app (sniffing, the connect, mutual TLS) and returns what
+    /// serves it from then on.
+    pub async fn set_up(&self, shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<Serving> {
         // The route in force when the connection arrives; a reload changes later ones.
         let route = self.route.borrow().clone();
-        // Each branch (and the sniffing) is boxed where it is awaited, as are the connect, the
-        // handshake and the plaintext splice below: a task is as large as its largest state, so
-        // with them inline an idle L4 connection's task was 2.7 KB.
         if let Some(http) = &self.http
             && route.mode == ClientTlsMode::IstioMutual
-            && Box::pin(wants_http(shared, &self.up, &tcp)).await
+            && wants_http(shared, &self.up, &tcp).await
         {
-            Box::pin(http.serve_conn(tcp, peer)).await;
-            return;
+            let http = http.clone();
+            return Some(Box::pin(async move { http.serve_conn(tcp, peer).await }));
         }
-        Box::pin(handle(shared, &self.up, &route, &self.cache, tcp, peer)).await;
+        let conn = set_up(shared, &self.up, &route, &self.cache, tcp, peer).await?;
+        Some(Box::pin(conn.forward(shared.clone())))
     }
 }
 
@@ -167,7 +166,7 @@ pub async fn serve(
 ) {
     crate::sidecar::accept_loop(shared.clone(), listener, stop, move |tcp, peer| {
         let (shared, up) = (shared.clone(), up.clone());
-        async move { up.handle(&shared, tcp, peer).await }
+        async move { up.set_up(&shared, tcp, peer).await }
     })
     .await;
 }
@@ -264,18 +263,14 @@ async fn handshake(
 
 /// A mesh connection whose handshake was read record by record: through rustls until the
 /// server's session tickets are in (`ktls::await_tickets`), then to kernel TLS where it takes it.
+/// Also the bytes moved meanwhile; `None` where the wait failed.
 async fn offload(
     shared: &Shared,
     remote: SocketAddr,
     mut app: TcpStream,
     mut stream: TlsStream<ReadAhead<TcpStream>>,
-    idle: std::time::Duration,
-    cancel: CancellationToken,
-) -> forward::Totals {
-    let waited = match crate::ktls::await_tickets(&mut stream, &mut app, crate::ktls::TICKET_WAIT).await {
-        Ok(w) => w,
-        Err(_) => return forward::Totals { forward: 0, backward: 0, end: forward::End::Error },
-    };
+) -> Option<(RemoteLegs, crate::ktls::Waited)> {
+    let waited = crate::ktls::await_tickets(&mut stream, &mut app, crate::ktls::TICKET_WAIT).await.ok()?;
     let offered = if waited.server_closed {
         // rustls read the server's close_notify: the kernel would not see the end.
         shared.count_offload(Direction::Outbound, "not_established");
@@ -283,20 +278,15 @@ async fn offload(
     } else {
         shared.offload(Direction::Outbound, remote, stream, bytes::Bytes::new())
     };
-    let mut t = match offered {
-        Ok(kernel) => {
-            let (app, up) = (Leg::plain(app), Leg::kernel_tls(kernel));
-            Box::pin(forward::splice_pipe(app, up, idle, cancel)).await
-        }
+    let legs = match offered {
+        Ok(kernel) => Legs::Spliced(Leg::plain(app), Leg::kernel_tls(kernel)),
         Err(Some((mut stream, _))) => {
             stream.get_mut().0.read_ahead_again();
-            forward::pipe(app, Box::new(stream), idle, cancel).await
+            Legs::Copied(app, Box::new(stream))
         }
-        Err(None) => forward::Totals { forward: 0, backward: 0, end: forward::End::Error },
+        Err(None) => return None,
     };
-    t.forward += waited.up;
-    t.backward += waited.down;
-    t
+    Some((legs, waited))
 }
 
 /// Connects to a remote sidecar and completes mutual TLS with the mesh config from `cache`
@@ -312,75 +302,147 @@ pub async fn dial(
     handshake(shared, remote, route, config, ReadAhead::new(tcp)).await
 }
 
-async fn handle(
+/// The legs of an outbound connection: the app's, then the remote sidecar's.
+type RemoteLegs = Legs<TcpStream, Box<TlsStream<ReadAhead<TcpStream>>>>;
+
+/// Connects to the remote (with mutual TLS unless the route disables it): the connection to
+/// forward, or `None` where that failed (logged and counted).
+async fn set_up(
     shared: &Shared,
     up: &Upstream,
     route: &Route,
     cache: &ConfigCache,
     app: TcpStream,
     peer: SocketAddr,
-) {
-    let event = Access {
-        direction: Direction::Outbound,
-        src_addr: peer,
-        src_identity: Some(&shared.id),
-        dst_addr: up.remote,
-        dst_identity: None,
-        port: up.remote.port(),
-        mtls: route.mode != ClientTlsMode::Disable,
-        policy: "-",
-        started: Instant::now(),
+) -> Option<ToRemote> {
+    let started = Instant::now();
+    let tls = route.mode != ClientTlsMode::Disable;
+    let fail = |e: &DialError| {
+        access(shared, up.remote, peer, None, tls, started).log("fail", e.reason(), &e.to_string(), 0, 0)
     };
     let _ = app.set_nodelay(true);
-    let idle = shared.limits.idle_timeout;
-    let remote = match Box::pin(connect(shared, up.remote)).await {
+    let remote = match connect(shared, up.remote).await {
         Ok(s) => s,
-        Err(e) => return event.log("fail", e.reason(), &e.to_string(), 0, 0),
+        Err(e) => {
+            fail(&e);
+            return None;
+        }
     };
     let cancel = shared.drain.child_token();
-    if route.mode == ClientTlsMode::Disable {
+    if !tls {
         let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
-        shared.record_tcp(&labels, false);
-        let t = Box::pin(forward::splice_pipe(Leg::plain(app), Leg::plain(remote), idle, cancel)).await;
-        shared.finish_tcp(&labels, t.forward, t.backward);
-        event.log("allow", end_reason(t.end), "", t.backward, t.forward);
-        return;
+        let legs = Legs::Spliced(Leg::plain(app), Leg::plain(remote));
+        let counters = shared.open_tcp(&labels);
+        let remote = up.remote;
+        return Some(ToRemote {
+            legs,
+            server_id: None,
+            mtls: false,
+            peer,
+            remote,
+            started,
+            cancel,
+            counters,
+            early: (0, 0),
+        });
     }
     let config = match &route.external {
         Some(Ok(config)) => Ok(config.clone()),
         Some(Err(e)) => {
             shared.handshake_failed(Direction::Outbound, peer, "config", e);
-            return;
+            return None;
         }
         None => mesh_config(shared, route, cache),
     };
     let config = match config {
         Ok(c) => c,
-        Err(e) => return shared.handshake_failed(Direction::Outbound, peer, e.reason(), &e.to_string()),
+        Err(e) => {
+            shared.handshake_failed(Direction::Outbound, peer, e.reason(), &e.to_string());
+            return None;
+        }
     };
     let mtls = route.external.is_none();
     // A mesh connection's handshake is read record by record, so that the kernel can take it
     // after (crate::ktls); one to a DestinationRule's external server stays with rustls.
     let io =
         if mtls && shared.may_offload() { ReadAhead::record_exact(remote) } else { ReadAhead::new(remote) };
-    let (stream, server_id) = match Box::pin(handshake(shared, up.remote, route, config, io)).await {
+    let (stream, server_id) = match handshake(shared, up.remote, route, config, io).await {
         Ok(x) => x,
-        Err(e) => return event.log("fail", e.reason(), &e.to_string(), 0, 0),
+        Err(e) => {
+            fail(&e);
+            return None;
+        }
     };
     let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), mtls);
-    shared.record_tcp(&labels, false);
-    shared.metrics.active.inc();
-    let t = if mtls && shared.may_offload() {
-        Box::pin(offload(shared, up.remote, app, stream, idle, cancel)).await
+    let counters = shared.open_tcp(&labels);
+    let (legs, early) = if mtls && shared.may_offload() {
+        match offload(shared, up.remote, app, stream).await {
+            Some((legs, waited)) => (legs, (waited.up, waited.down)),
+            None => {
+                counters.finish(0, 0);
+                let conn = access(shared, up.remote, peer, server_id.as_ref(), mtls, started);
+                conn.log("allow", end_reason(forward::End::Error), "", 0, 0);
+                return None;
+            }
+        }
     } else {
         if mtls {
             shared.count_no_offload(Direction::Outbound);
         }
-        // The TLS stream on the heap: `pipe` keeps a slot of its argument's size in its state.
-        forward::pipe(app, Box::new(stream), idle, cancel).await
+        (Legs::Copied(app, Box::new(stream)), (0, 0))
     };
-    shared.metrics.active.dec();
-    shared.finish_tcp(&labels, t.forward, t.backward);
-    let event = Access { dst_identity: server_id.as_ref(), mtls, ..event };
-    event.log("allow", end_reason(t.end), "", t.backward, t.forward);
+    Some(ToRemote { legs, server_id, mtls, peer, remote: up.remote, started, cancel, counters, early })
+}
+
+/// An outbound connection with both legs open: all that its long life keeps.
+struct ToRemote {
+    legs: RemoteLegs,
+    server_id: Option<SpiffeId>,
+    mtls: bool,
+    peer: SocketAddr,
+    remote: SocketAddr,
+    started: Instant,
+    cancel: CancellationToken,
+    counters: TcpCounters,
+    /// Bytes moved up and down before the legs were handed to `forward` (`ktls::await_tickets`).
+    early: (u64, u64),
+}
+
+impl ToRemote {
+    /// An `async move` block, not an `async fn`, which would keep a second copy of `self`.
+    #[allow(clippy::manual_async_fn)]
+    fn forward(self, shared: Arc<Shared>) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            shared.metrics.active.inc();
+            let t = self.legs.forward(shared.limits.idle_timeout, self.cancel).await;
+            shared.metrics.active.dec();
+            let (up_bytes, down_bytes) = (t.forward + self.early.0, t.backward + self.early.1);
+            self.counters.finish(down_bytes, up_bytes);
+            let event =
+                access(&shared, self.remote, self.peer, self.server_id.as_ref(), self.mtls, self.started);
+            event.log("allow", end_reason(t.end), "", down_bytes, up_bytes);
+        }
+    }
+}
+
+/// The access event of a connection to `remote`.
+fn access<'a>(
+    shared: &'a Shared,
+    remote: SocketAddr,
+    peer: SocketAddr,
+    server_id: Option<&'a SpiffeId>,
+    mtls: bool,
+    started: Instant,
+) -> Access<'a> {
+    Access {
+        direction: Direction::Outbound,
+        src_addr: peer,
+        src_identity: Some(&shared.id),
+        dst_addr: remote,
+        dst_identity: server_id,
+        port: remote.port(),
+        mtls,
+        policy: "-",
+        started,
+    }
 }

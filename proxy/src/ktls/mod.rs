@@ -493,6 +493,17 @@ fn classify(
 /// Sends `close_notify` on a kernel-TLS socket (an alert record, the type given in a control
 /// message), as rustls does before it shuts down writing.
 pub async fn send_close_notify(tcp: &TcpStream) -> io::Result<()> {
+    loop {
+        std::future::poll_fn(|cx| tcp.poll_write_ready(cx)).await?;
+        match try_close_notify(tcp) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return done,
+        }
+    }
+}
+
+/// [`send_close_notify`] once the socket is writable: `WouldBlock` where it was not after all.
+pub fn try_close_notify(tcp: &TcpStream) -> io::Result<()> {
     // struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; } then the record type,
     // padded to the alignment of size_t: CMSG_LEN(1) and CMSG_SPACE(1), laid out by hand so
     // the crate stays free of unsafe code (socket2 takes the control bytes as a slice).
@@ -508,14 +519,7 @@ pub async fn send_close_notify(tcp: &TcpStream) -> io::Result<()> {
     // Level warning, description close_notify.
     let alert = [IoSlice::new(&[1, 0])];
     let msg = socket2::MsgHdr::new().with_buffers(&alert).with_control(&control);
-    loop {
-        tcp.writable().await?;
-        match tcp.try_io(Interest::WRITABLE, || socket2::SockRef::from(tcp).sendmsg(&msg, 0)) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    tcp.try_io(Interest::WRITABLE, || socket2::SockRef::from(tcp).sendmsg(&msg, 0)).map(|_| ())
 }
 
 #[cfg(test)]
