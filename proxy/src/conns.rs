@@ -24,7 +24,7 @@ pub struct ConnFacts {
 #[derive(Debug, Default)]
 pub struct LiveConns {
     next: AtomicU64,
-    map: Mutex<HashMap<u64, (ConnFacts, CancellationToken)>>,
+    map: Mutex<HashMap<u64, (Arc<ConnFacts>, CancellationToken)>>,
 }
 
 /// Removes its connection from the registry when dropped.
@@ -34,7 +34,8 @@ pub struct Registration {
 }
 
 impl LiveConns {
-    pub fn register(self: &Arc<Self>, facts: ConnFacts, cancel: CancellationToken) -> Registration {
+    /// Registers a live connection; the connection may keep `facts` too (one copy, shared).
+    pub fn register(self: &Arc<Self>, facts: Arc<ConnFacts>, cancel: CancellationToken) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut m) = self.map.lock() {
             m.insert(id, (facts, cancel));

@@ -93,6 +93,8 @@ enum Ready {
     App(ToApp),
 }
 
+/// One connection's set-up: the port's mode, detection, mutual TLS, sniffing, then the app's
+/// connect for a connection that stays TCP; what serves it from then on.
 async fn set_up(
     shared: &Shared,
     port: &InboundPort,
@@ -320,6 +322,7 @@ async fn open_to_app(
         }
     };
     let cancel = shared.drain.child_token();
+    let facts = Arc::new(facts);
     let registration = shared.live.register(facts.clone(), cancel.clone());
     let counters = shared.open_tcp(&labels);
     let (app, port) = (port.app, port.port);
@@ -329,7 +332,8 @@ async fn open_to_app(
 /// A connection allowed to the app, its app leg open: all that its long life keeps.
 struct ToApp {
     legs: Legs<MeshStream, TcpStream>,
-    facts: ConnFacts,
+    /// Shared with the live registry.
+    facts: Arc<ConnFacts>,
     policy: String,
     peer: SocketAddr,
     app: SocketAddr,

@@ -71,7 +71,7 @@ impl InboundHttp {
             sni: peer.sni.clone(),
             http: true,
         };
-        let _registration = shared.live.register(facts, kill.clone());
+        let _registration = shared.live.register(Arc::new(facts), kill.clone());
         let (this, peer) = (self.clone(), Arc::new(peer));
         let svc = service_fn(move |req| {
             let (this, peer) = (this.clone(), peer.clone());
