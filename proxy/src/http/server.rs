@@ -180,6 +180,9 @@ where
         // again, so this copy is a defence, not a path the tests take.)
         io.leftover =
             if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
+        // Dropped here, not with `parts` at the end of this iteration: that would keep hyper's
+        // read buffer through the rest below, the very wait it is let go for.
+        drop(parts.read_buf);
         io.inner.shed();
         busy = !io.leftover.is_empty();
         if !busy {
