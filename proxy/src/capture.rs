@@ -146,9 +146,7 @@ async fn passthrough(
         forward::Legs::Spliced(Leg::plain(app), Leg::plain(remote));
     let (shared, started) = (shared.clone(), event.started);
     Some(Box::pin(async move {
-        shared.metrics.active.inc();
-        let t = legs.forward(shared.limits.idle_timeout, shared.drain.child_token()).await;
-        shared.metrics.active.dec();
+        let t = shared.forward(legs, shared.drain.child_token()).await;
         counters.finish(t.backward, t.forward);
         passthrough_event(&shared, peer, dst, started).log(
             "allow",

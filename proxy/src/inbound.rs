@@ -274,17 +274,7 @@ async fn open_to_app(
         Err(d) => d.policy_label(),
     };
     let labels = shared.tcp_labels(Direction::Inbound, facts.principal.as_ref(), Some(&shared.id), mtls);
-    let event = Access {
-        direction: Direction::Inbound,
-        src_addr: peer,
-        src_identity: facts.principal.as_ref(),
-        dst_addr: port.app,
-        dst_identity: Some(&shared.id),
-        port: port.port,
-        mtls,
-        policy: &policy,
-        started,
-    };
+    let event = access(shared, &facts, &policy, peer, port.app, port.port, started);
     shared.observed.decision(port.port, facts.principal.as_ref(), peer.ip(), None, decision.is_ok());
     if let Err(denied) = decision {
         shared.refuse_tcp(&with_flags(&labels, "RBAC"));
@@ -350,26 +340,38 @@ impl ToApp {
     #[allow(clippy::manual_async_fn)]
     fn forward(self, shared: Arc<Shared>) -> impl Future<Output = ()> + Send + 'static {
         async move {
-            shared.metrics.active.inc();
-            let totals = self.legs.forward(shared.limits.idle_timeout, self.cancel).await;
-            shared.metrics.active.dec();
+            let totals = shared.forward(self.legs, self.cancel).await;
             self.counters.finish(totals.backward, totals.forward);
-            let event = Access {
-                direction: Direction::Inbound,
-                src_addr: self.peer,
-                src_identity: self.facts.principal.as_ref(),
-                dst_addr: self.app,
-                dst_identity: Some(&shared.id),
-                port: self.port,
-                mtls: self.facts.principal.is_some(),
-                policy: &self.policy,
-                started: self.started,
-            };
+            let event =
+                access(&shared, &self.facts, &self.policy, self.peer, self.app, self.port, self.started);
             event.log("allow", end_reason(totals.end), "", totals.backward, totals.forward);
             // Named so the block takes it: a block captures only the fields it uses, and one it
             // did not would be dropped (the connection unregistered) before the forwarding.
             drop(self.registration);
         }
+    }
+}
+
+/// The access event of an inbound connection to the app at `app`, for workload port `port`.
+fn access<'a>(
+    shared: &'a Shared,
+    facts: &'a ConnFacts,
+    policy: &'a str,
+    peer: SocketAddr,
+    app: SocketAddr,
+    port: u16,
+    started: Instant,
+) -> Access<'a> {
+    Access {
+        direction: Direction::Inbound,
+        src_addr: peer,
+        src_identity: facts.principal.as_ref(),
+        dst_addr: app,
+        dst_identity: Some(&shared.id),
+        port,
+        mtls: facts.principal.is_some(),
+        policy,
+        started,
     }
 }
 

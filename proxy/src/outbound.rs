@@ -374,12 +374,11 @@ async fn set_up(
         }
     };
     let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), mtls);
-    let counters = shared.open_tcp(&labels);
     let (legs, early) = if mtls && shared.may_offload() {
         match offload(shared, up.remote, app, stream).await {
             Some((legs, waited)) => (legs, (waited.up, waited.down)),
             None => {
-                counters.finish(0, 0);
+                shared.refuse_tcp(&labels);
                 let conn = access(shared, up.remote, peer, server_id.as_ref(), mtls, started);
                 conn.log("allow", end_reason(forward::End::Error), "", 0, 0);
                 return None;
@@ -391,6 +390,7 @@ async fn set_up(
         }
         (Legs::Copied(app, Box::new(stream)), (0, 0))
     };
+    let counters = shared.open_tcp(&labels);
     Some(ToRemote { legs, server_id, mtls, peer, remote: up.remote, started, cancel, counters, early })
 }
 
@@ -413,9 +413,7 @@ impl ToRemote {
     #[allow(clippy::manual_async_fn)]
     fn forward(self, shared: Arc<Shared>) -> impl Future<Output = ()> + Send + 'static {
         async move {
-            shared.metrics.active.inc();
-            let t = self.legs.forward(shared.limits.idle_timeout, self.cancel).await;
-            shared.metrics.active.dec();
+            let t = shared.forward(self.legs, self.cancel).await;
             let (up_bytes, down_bytes) = (t.forward + self.early.0, t.backward + self.early.1);
             self.counters.finish(down_bytes, up_bytes);
             let event =

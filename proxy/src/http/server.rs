@@ -9,10 +9,11 @@
 //! with no buffer, then a fresh hyper connection serves the next request. hyper keeps an 8 KiB
 //! read and an 8 KiB write buffer for a connection's whole life; an idle keep-alive client of the
 //! outbound sidecar cost 25.2 KiB with them and 10.3 KiB without, 8.8 KiB with the HTTP/2 branch
-//! boxed (`bench/`, 5,000 idle clients), and 2.6 KiB once the read buffer hyper hands back was
-//! dropped before the wait rather than after it (7.65 KiB just before, one client at a time). A busy keep-alive connection keeps hyper's state: setting it up again after every
-//! response cost the outbound sidecar about 8,000 instructions a request (`bench/callgrind`).
-//! Between requests hyper's own state is that of a new connection, so nothing is lost.
+//! boxed (`bench/`, 5,000 idle clients), and 2.3 KiB once the read buffer hyper hands back was
+//! dropped before the wait rather than after it. A busy keep-alive connection keeps hyper's
+//! state: setting it up again after every response cost the outbound sidecar about 8,000
+//! instructions a request (`bench/callgrind`). Between requests hyper's own state is that of a
+//! new connection, so nothing is lost.
 
 use std::pin::Pin;
 use std::sync::Arc;
