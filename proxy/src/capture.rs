@@ -146,7 +146,7 @@ async fn passthrough(
         forward::Legs::Spliced(Leg::plain(app), Leg::plain(remote));
     let (shared, started) = (shared.clone(), event.started);
     Some(Box::pin(async move {
-        let t = shared.forward(legs, shared.drain.child_token()).await;
+        let t = shared.forward(legs, shared.drain.clone()).await;
         counters.finish(t.backward, t.forward);
         passthrough_event(&shared, peer, dst, started).log(
             "allow",

@@ -58,8 +58,8 @@ impl PortHandler {
             Ready::Http(conn, peer) => {
                 let http = self.http.clone()?;
                 Some(match conn {
-                    Downstream::Plain(tcp) => Box::pin(async move { http.serve_conn(tcp, peer).await }),
-                    Downstream::Tls(stream) => Box::pin(async move { http.serve_conn(stream, peer).await }),
+                    Downstream::Plain(tcp) => Box::pin(http.serve_conn(tcp, peer)),
+                    Downstream::Tls(stream) => Box::pin(http.serve_conn(stream, peer)),
                 })
             }
         }

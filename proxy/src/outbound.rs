@@ -151,7 +151,7 @@ impl UpstreamHandler {
             && wants_http(shared, &self.up, &tcp).await
         {
             let http = http.clone();
-            return Some(Box::pin(async move { http.serve_conn(tcp, peer).await }));
+            return Some(Box::pin(http.serve_conn(tcp, peer)));
         }
         let conn = set_up(shared, &self.up, &route, &self.cache, tcp, peer).await?;
         Some(Box::pin(conn.forward(shared.clone())))
@@ -328,7 +328,9 @@ async fn set_up(
             return None;
         }
     };
-    let cancel = shared.drain.child_token();
+    // The drain itself, not a child token: nothing else cancels an outbound connection, and a
+    // child costs an allocation and a lock on the drain per connection.
+    let cancel = shared.drain.clone();
     if !tls {
         let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), None, false);
         let legs = Legs::Spliced(Leg::plain(app), Leg::plain(remote));

@@ -87,7 +87,9 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Cancelled when a drain starts: HTTP connections finish in-flight requests and close.
     pub stopping: CancellationToken,
-    /// Cancelled when a drain runs out of time: closes every live connection.
+    /// Cancelled when a drain runs out of time: closes every live connection. Only shutdown cancels
+    /// it: outbound connections wait on clones of it, inbound ones on child tokens (the live
+    /// registry closes one alone when a policy reload denies it).
     pub drain: CancellationToken,
     slots: Arc<Semaphore>,
     failures: Mutex<VecDeque<Failure>>,

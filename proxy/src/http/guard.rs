@@ -202,21 +202,19 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The guard around a downstream connection.
+/// What a guard runs for each refused head; one per host, shared by its connections.
+pub type OnRefused = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 pub struct Guarded<I> {
     inner: I,
     framing: Framing,
     ready: BytesMut,
-    refused: Option<Box<dyn Fn() + Send + Sync>>,
+    refused: Option<OnRefused>,
 }
 
 impl<I> Guarded<I> {
     /// `on_refused` runs once per refused head (for a counter).
-    pub fn new(
-        inner: I,
-        max_head: usize,
-        max_headers: usize,
-        on_refused: Box<dyn Fn() + Send + Sync>,
-    ) -> Self {
+    pub fn new(inner: I, max_head: usize, max_headers: usize, on_refused: OnRefused) -> Self {
         Self {
             inner,
             framing: Framing::new(max_head, max_headers),
@@ -362,7 +360,7 @@ mod tests {
                 let (sock, _) = listener.accept().await.unwrap();
                 let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
                 let c = counted.clone();
-                let on_refused = Box::new(move || {
+                let on_refused = std::sync::Arc::new(move || {
                     c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 });
                 let mut guarded = Guarded::new(sock, 64 * 1024, 100, on_refused);

@@ -40,7 +40,7 @@ pub struct Peer {
 pub struct InboundHttp {
     shared: Arc<Shared>,
     port: Arc<InboundPort>,
-    builder: super::server::Server,
+    server: Arc<super::server::Server>,
     app: Arc<AppPool>,
     metrics: Arc<RequestMetrics>,
     connections: prometheus::IntCounter,
@@ -49,16 +49,16 @@ pub struct InboundHttp {
 impl InboundHttp {
     pub fn new(shared: Arc<Shared>, port: Arc<InboundPort>) -> Arc<Self> {
         let app = AppPool::new(port.app, shared.limits.connect_timeout, APP_IDLE_TIMEOUT);
-        let builder = super::server::builder(&shared.http);
+        let server = super::server::builder(&shared.http, smuggling_counter(&shared, "inbound"));
         let metrics = Arc::default();
         let connections = shared.metrics.http_connections.with_label_values(&["inbound"]);
-        Arc::new(Self { app, builder, shared, port, metrics, connections })
+        Arc::new(Self { app, server, shared, port, metrics, connections })
     }
 
     /// Serves one downstream connection (already past mutual TLS and the mode check).
-    pub async fn serve_conn<I>(self: &Arc<Self>, io: I, peer: Peer)
+    pub fn serve_conn<I>(self: &Arc<Self>, io: I, peer: Peer) -> impl Future<Output = ()> + Send + 'static
     where
-        I: AsyncRead + AsyncWrite + super::server::Readiness + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + super::server::Readiness + Unpin + Send + Sync + 'static,
     {
         let shared = &self.shared;
         self.connections.inc();
@@ -71,24 +71,16 @@ impl InboundHttp {
             sni: peer.sni.clone(),
             http: true,
         };
-        let _registration = shared.live.register(Arc::new(facts), kill.clone());
+        let registration = shared.live.register(Arc::new(facts), kill.clone());
         let (this, peer) = (self.clone(), Arc::new(peer));
         let svc = service_fn(move |req| {
             let (this, peer) = (this.clone(), peer.clone());
             async move { Ok::<_, Infallible>(this.request(req, &peer).await) }
         });
         let (idle, stopping) = (shared.limits.idle_timeout, shared.stopping.clone());
-        super::server::serve(
-            &self.builder,
-            &self.shared.http,
-            smuggling_counter(&self.shared, "inbound"),
-            io,
-            svc,
-            idle,
-            stopping,
-            kill,
-        )
-        .await;
+        let serving = super::server::serve(self.server.clone(), io, svc, idle, stopping, kill);
+        // Registered until the connection ends: a policy reload that denies it cancels `kill`.
+        super::server::ServeConn::new(serving, registration)
     }
 
     async fn request(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {

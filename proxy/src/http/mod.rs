@@ -363,10 +363,10 @@ macro_rules! delegate_write {
 pub(crate) use delegate_write;
 
 /// Counts request heads the smuggling guard refused (answered 400 by hyper).
-pub fn smuggling_counter(shared: &Arc<Shared>, direction: &'static str) -> Box<dyn Fn() + Send + Sync> {
-    let refused = shared.metrics.refused.clone();
-    Box::new(move || {
-        refused.with_label_values(&["conflicting_framing"]).inc();
+pub fn smuggling_counter(shared: &Arc<Shared>, direction: &'static str) -> guard::OnRefused {
+    let refused = shared.metrics.refused.with_label_values(&["conflicting_framing"]);
+    Arc::new(move || {
+        refused.inc();
         tracing::info!(
             direction,
             reason = "conflicting_framing",

@@ -26,7 +26,7 @@ pub struct OutboundHttp {
     route: watch::Receiver<Route>,
     pool: Pool,
     upgrade_tls: ConfigCache,
-    builder: super::server::Server,
+    server: Arc<super::server::Server>,
     metrics: Arc<RequestMetrics>,
     connections: prometheus::IntCounter,
 }
@@ -35,14 +35,18 @@ impl OutboundHttp {
     pub fn new(shared: Arc<Shared>, up: Upstream, route: watch::Receiver<Route>) -> Arc<Self> {
         let s = &shared.http;
         let pool = Pool::new(up.remote, s.pool_max_connections, s.pool_streams_per_connection);
-        let builder = super::server::builder(s);
+        let server = super::server::builder(s, smuggling_counter(&shared, "outbound"));
         let (metrics, upgrade_tls) = (Arc::default(), ConfigCache::new(ALPN_H1));
         let connections = shared.metrics.http_connections.with_label_values(&["outbound"]);
-        Arc::new(Self { shared, up, route, pool, upgrade_tls, builder, metrics, connections })
+        Arc::new(Self { shared, up, route, pool, upgrade_tls, server, metrics, connections })
     }
 
     /// Serves one app connection.
-    pub async fn serve_conn(self: &Arc<Self>, app: TcpStream, peer: SocketAddr) {
+    pub fn serve_conn(
+        self: &Arc<Self>,
+        app: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let _ = app.set_nodelay(true);
         self.connections.inc();
         let this = self.clone();
@@ -50,19 +54,12 @@ impl OutboundHttp {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.request(req, peer).await) }
         });
-        let kill = self.shared.drain.child_token();
+        // A clone of the drain, not a child: nothing else cancels an outbound connection, and a
+        // child costs an allocation and a lock on the drain per connection.
+        let kill = self.shared.drain.clone();
         let (idle, stopping) = (self.shared.limits.idle_timeout, self.shared.stopping.clone());
-        super::server::serve(
-            &self.builder,
-            &self.shared.http,
-            smuggling_counter(&self.shared, "outbound"),
-            app,
-            svc,
-            idle,
-            stopping,
-            kill,
-        )
-        .await;
+        let serving = super::server::serve(self.server.clone(), app, svc, idle, stopping, kill);
+        super::server::ServeConn::new(serving, ())
     }
 
     async fn request(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {

@@ -29,21 +29,26 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keycard_config::sidecar::HttpSettings;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::body::Body;
-use super::guard::Guarded;
+use super::guard::{Guarded, OnRefused};
 use super::sniff::{self, Rewind, Sniffed};
 
 /// The hyper servers for downstream connections. HTTP/2 keeps h2's defences against rapid reset
 /// (at most 20 pending resets, 1024 locally caused) and sends keep-alive pings.
+/// One per host (an inbound port, an outbound upstream), shared by its connections.
 pub struct Server {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     rest_after: Duration,
+    max_head: usize,
+    max_headers: usize,
+    on_smuggling: OnRefused,
 }
 
-pub fn builder(s: &HttpSettings) -> Server {
+/// `on_smuggling` runs for each request refused for conflicting framing (for a counter).
+pub fn builder(s: &HttpSettings, on_smuggling: OnRefused) -> Arc<Server> {
     let mut http1 = http1::Builder::new();
     http1
         .timer(TokioTimer::new())
@@ -60,7 +65,8 @@ pub fn builder(s: &HttpSettings) -> Server {
         .max_local_error_reset_streams(1024)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    Server { http1, http2, rest_after: s.rest_after }
+    let (max_head, max_headers) = (s.max_header_bytes, s.max_headers);
+    Arc::new(Server { http1, http2, rest_after: s.rest_after, max_head, max_headers, on_smuggling })
 }
 
 /// A downstream stream that can say, without reading, when a read would not block: what an
@@ -93,11 +99,8 @@ impl<S: Readiness> Readiness for tokio_rustls::server::TlsStream<S> {
 /// Serves `io` until it closes, `idle` passes with no bytes either way, `stopping` asks for a
 /// graceful close (in-flight requests finish), or `kill` ends it at once. Returns how many times
 /// the connection rested between HTTP/1.1 requests without hyper's state.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve<I, S>(
-    server: &Server,
-    settings: &HttpSettings,
-    on_smuggling: Box<dyn Fn() + Send + Sync>,
+    server: Arc<Server>,
     io: I,
     service: S,
     idle: Duration,
@@ -113,78 +116,40 @@ where
 {
     let activity = Arc::new(Activity::new());
     let mut rests = 0;
-    let mut inner = Rewind::new(io);
-    // The first bytes say HTTP/2 (its preface) or HTTP/1; they are replayed to hyper. Read, not
-    // waited for: after a TLS handshake they may already sit decrypted in rustls.
-    let sniffed = tokio::select! {
-        s = sniff::read(&mut inner, idle) => s,
-        () = stopping.cancelled() => return rests,
-        () = kill.cancelled() => return rests,
+    // In blocks and boxed, every wait but the rest: this future is what a resting connection
+    // keeps, and it holds a slot for the largest of its waits and of anything alive across one.
+    let (mut io, mut service) = {
+        let mut inner = Rewind::new(io);
+        // The first bytes say HTTP/2 (its preface) or HTTP/1; they are replayed to hyper. Read,
+        // not waited for: after a TLS handshake they may already sit decrypted in rustls.
+        let sniffed = Box::pin(async {
+            tokio::select! {
+                s = sniff::read(&mut inner, idle) => s,
+                () = stopping.cancelled() => Sniffed::Timeout,
+                () = kill.cancelled() => Sniffed::Timeout,
+            }
+        })
+        .await;
+        if sniffed == Sniffed::Timeout {
+            return rests;
+        }
+        let guarded = Guarded::new(inner, server.max_head, server.max_headers, server.on_smuggling.clone());
+        let io = Active { inner: guarded, leftover: Bytes::new(), activity: activity.clone() };
+        activity.touch();
+        if sniffed == Sniffed::Http2 {
+            Box::pin(serve_http2(&server, io, service, &activity, idle, &stopping, &kill)).await;
+            return rests;
+        }
+        (io, Tracked { inner: service, activity: activity.clone() })
     };
-    if sniffed == Sniffed::Timeout {
-        return rests;
-    }
-    let guarded = Guarded::new(inner, settings.max_header_bytes, settings.max_headers, on_smuggling);
-    let mut io = Active { inner: guarded, leftover: Bytes::new(), activity: activity.clone() };
-    activity.touch();
-    if sniffed == Sniffed::Http2 {
-        // Boxed: h2's connection is large, and a suspended HTTP/1.1 connection must not keep a
-        // slot of its size in this future.
-        Box::pin(serve_http2(server, io, service, &activity, idle, &stopping, &kill)).await;
-        return rests;
-    }
-    let mut service = Tracked { inner: service, activity: activity.clone() };
     // Its last request came within `rest_after` of the one before (or was pipelined behind it).
     let mut busy = false;
     loop {
-        // Boxed: the suspended connection below must not keep a slot of hyper's size.
-        let mut conn = Box::pin(server.http1.serve_connection(TokioIo::new(io), service).with_upgrades());
-        let mut graceful = false;
-        // When set, the connection rests as soon as it is between requests: at once for a new or
-        // quiet connection (most make one request, or few far apart), and for a busy one once no
-        // byte has moved for `rest_after`.
-        let mut rest_due = !busy || server.rest_after.is_zero();
-        loop {
-            tokio::select! {
-                r = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(Some(r)),
-                    Poll::Pending if rest_due && activity.between_requests() => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
-                }) => match r {
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "http connection ended with an error");
-                        return rests;
-                    }
-                    Some(Ok(())) => return rests,
-                    None => break,
-                },
-                () = activity.idle_for(server.rest_after), if !rest_due => rest_due = true,
-                () = stopping.cancelled(), if !graceful => {
-                    conn.as_mut().graceful_shutdown();
-                    graceful = true;
-                }
-                () = kill.cancelled() => return rests,
-                () = activity.idle_for(idle) => return rests,
-            }
-        }
-        // Quiet between requests: take the stream back and drop hyper's state.
-        let Some(parts) = (*Pin::into_inner(conn)).into_parts() else {
-            return rests; // upgraded: the stream is the upgrade's now
-        };
-        if graceful {
-            return rests;
+        match Box::pin(work(&server, io, service, busy, &activity, idle, &stopping, &kill)).await {
+            Some(rested) => (io, service) = rested,
+            None => return rests,
         }
         rests += 1;
-        (io, service) = (parts.io.into_inner(), parts.service);
-        // Not `parts.read_buf` itself: even empty, it holds hyper's whole read buffer. (Bytes read
-        // but not parsed are not seen in practice: hyper parses what it holds before it reads
-        // again, so this copy is a defence, not a path the tests take.)
-        io.leftover =
-            if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
-        // Dropped here, not with `parts` at the end of this iteration: that would keep hyper's
-        // read buffer through the rest below, the very wait it is let go for.
-        drop(parts.read_buf);
-        io.inner.shed();
         busy = !io.leftover.is_empty();
         if !busy {
             if !wait_readable(io.inner.get_ref(), &activity, idle, &stopping, &kill).await {
@@ -193,6 +158,97 @@ where
             busy = activity.quiet() < server.rest_after;
         }
     }
+}
+
+pin_project_lite::pin_project! {
+    /// One downstream connection served to its end, with what must live as long as it (an
+    /// inbound connection's place in the live registry): what a host's `serve_conn` hands the
+    /// accept loop. A struct, not an `async` block around [`serve`], which would keep a second
+    /// copy of its arguments beside it in every connection.
+    pub struct ServeConn<F, K> {
+        #[pin]
+        serving: F,
+        keep: K,
+    }
+}
+
+impl<F, K> ServeConn<F, K> {
+    pub fn new(serving: F, keep: K) -> Self {
+        Self { serving, keep }
+    }
+}
+
+impl<F: Future, K> Future for ServeConn<F, K> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.project().serving.poll(cx).map(drop)
+    }
+}
+
+/// Serves HTTP/1.1 requests with hyper until the connection is quiet between requests, then hands
+/// the stream and the service back without hyper's state (`None`: the connection ended, was
+/// upgraded or drained).
+#[allow(clippy::too_many_arguments)]
+async fn work<I, S>(
+    server: &Server,
+    io: Active<I>,
+    service: Tracked<S>,
+    busy: bool,
+    activity: &Activity,
+    idle: Duration,
+    stopping: &CancellationToken,
+    kill: &CancellationToken,
+) -> Option<(Active<I>, Tracked<S>)>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<hyper::Request<Incoming>, Response = hyper::Response<Body>, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut conn = server.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let mut graceful = false;
+    // When set, the connection rests as soon as it is between requests: at once for a new or
+    // quiet connection (most make one request, or few far apart), and for a busy one once no
+    // byte has moved for `rest_after`.
+    let mut rest_due = !busy || server.rest_after.is_zero();
+    loop {
+        tokio::select! {
+            r = std::future::poll_fn(|cx| match Pin::new(&mut conn).poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+                Poll::Pending if rest_due && activity.between_requests() => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }) => match r {
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "http connection ended with an error");
+                    return None;
+                }
+                Some(Ok(())) => return None,
+                None => break,
+            },
+            () = activity.idle_for(server.rest_after), if !rest_due => rest_due = true,
+            () = stopping.cancelled(), if !graceful => {
+                Pin::new(&mut conn).graceful_shutdown();
+                graceful = true;
+            }
+            () = kill.cancelled() => return None,
+            () = activity.idle_for(idle) => return None,
+        }
+    }
+    // Quiet between requests: take the stream back and drop hyper's state.
+    let parts = conn.into_parts()?; // `None`: upgraded, the stream is the upgrade's now
+    if graceful {
+        return None;
+    }
+    let mut io = parts.io.into_inner();
+    // Not `parts.read_buf` itself: even empty, it holds hyper's whole read buffer. (Bytes read
+    // but not parsed are not seen in practice: hyper parses what it holds before it reads
+    // again, so this copy is a defence, not a path the tests take.)
+    io.leftover =
+        if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
+    io.inner.shed();
+    Some((io, parts.service))
 }
 
 /// Serves an HTTP/2 connection whole, until it closes, idles out, drains or is killed.
@@ -234,18 +290,44 @@ async fn serve_http2<I, S>(
 
 /// Waits until `io` is readable; false when the connection should end instead (idle deadline,
 /// drain, kill, or an error on the socket).
-async fn wait_readable<R: Readiness>(
-    io: &R,
+fn wait_readable<'a, R: Readiness>(
+    io: &'a R,
     activity: &Activity,
     idle: Duration,
-    stopping: &CancellationToken,
-    kill: &CancellationToken,
-) -> bool {
-    tokio::select! {
-        r = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => r.is_ok(),
-        () = stopping.cancelled() => false,
-        () = kill.cancelled() => false,
-        () = activity.idle_for(idle) => false,
+    stopping: &'a CancellationToken,
+    kill: &'a CancellationToken,
+) -> Rest<'a, R> {
+    // Nothing moves while it waits, so the idle deadline is one sleep from now.
+    let left = idle.saturating_sub(activity.quiet());
+    Rest { io, idle: tokio::time::sleep(left), stopping: stopping.cancelled(), kill: kill.cancelled() }
+}
+
+pin_project_lite::pin_project! {
+    /// The wait of a resting connection, written out: a `select!` over the same four kept a
+    /// slot a quarter larger in every resting connection.
+    struct Rest<'a, R> {
+        io: &'a R,
+        #[pin]
+        idle: tokio::time::Sleep,
+        #[pin]
+        stopping: WaitForCancellationFuture<'a>,
+        #[pin]
+        kill: WaitForCancellationFuture<'a>,
+    }
+}
+
+impl<R: Readiness> Future for Rest<'_, R> {
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.io.poll_read_ready(cx) {
+            return Poll::Ready(r.is_ok());
+        }
+        let ended = this.stopping.poll(cx).is_ready()
+            || this.kill.poll(cx).is_ready()
+            || this.idle.poll(cx).is_ready();
+        if ended { Poll::Ready(false) } else { Poll::Pending }
     }
 }
 
@@ -526,9 +608,9 @@ mod tests {
         let task = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let settings = HttpSettings { rest_after, ..HttpSettings::default() };
-            let server = builder(&settings);
+            let server = builder(&settings, Arc::new(|| {}));
             let svc = service_fn(answer);
-            serve(&server, &settings, Box::new(|| {}), tcp, svc, idle, stop, CancellationToken::new()).await
+            serve(server, tcp, svc, idle, stop, CancellationToken::new()).await
         });
         Served { addr, stopping, task }
     }
