@@ -201,10 +201,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The guard around a downstream connection.
 /// What a guard runs for each refused head; one per host, shared by its connections.
 pub type OnRefused = std::sync::Arc<dyn Fn() + Send + Sync>;
 
+/// The guard around a downstream connection.
 pub struct Guarded<I> {
     inner: I,
     framing: Framing,
