@@ -691,3 +691,47 @@ async fn tcp_byte_counters_count_the_response_as_sent_on_both_sidecars() {
     pp.shutdown().await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_active_connections_gauge_counts_a_forwarded_connection_until_it_closes() {
+    let pki = Pki::new();
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = app.accept().await.unwrap();
+        // An echo: the connection stays open until the client closes it.
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    let dir = policy_dir(&details_policy());
+    let server = start(config(SidecarSpec {
+        ns: "default",
+        sa: "bookinfo-details",
+        labels: &[("app", "details")],
+        identity: pki.files("default", "bookinfo-details"),
+        inbound: vec![(9080, app_addr)],
+        outbound: vec![],
+        policy: Some(dir.path().to_owned()),
+    }))
+    .await;
+    let pp = client(&pki, "default", "bookinfo-productpage", vec![(server.inbound(9080), vec![])]).await;
+    let gauge = "keycard_active_connections";
+    let mut s = TcpStream::connect(pp.addrs.outbound[0]).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(&echo, b"ping");
+    for run in [&server, &pp] {
+        assert_eq!(run.metric(gauge), 1.0, "{}", run.metrics());
+    }
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for run in [&server, &pp] {
+        while run.metric(gauge) != 0.0 {
+            assert!(Instant::now() < deadline, "still counted active after the close: {}", run.metrics());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    pp.shutdown().await;
+    server.shutdown().await;
+}

@@ -145,8 +145,9 @@ async fn passthrough(
     let legs: forward::Legs<TcpStream, TcpStream> =
         forward::Legs::Spliced(Leg::plain(app), Leg::plain(remote));
     let (shared, started) = (shared.clone(), event.started);
+    let forwarding = shared.forward(legs, shared.drain.clone());
     Some(Box::pin(async move {
-        let t = shared.forward(legs, shared.drain.clone()).await;
+        let t = forwarding.await;
         counters.finish(t.backward, t.forward);
         passthrough_event(&shared, peer, dst, started).log(
             "allow",

@@ -336,18 +336,19 @@ struct ToApp {
 }
 
 impl ToApp {
-    /// An `async move` block, not an `async fn`, which would keep a second copy of `self`.
-    #[allow(clippy::manual_async_fn)]
+    /// An `async move` block, not an `async fn`, which would keep a second copy of `self`; the
+    /// forwarding is made before it, so the block does not keep the legs too.
     fn forward(self, shared: Arc<Shared>) -> impl Future<Output = ()> + Send + 'static {
+        let ToApp { legs, facts, policy, peer, app, port, started, cancel, counters, registration } = self;
+        let forwarding = shared.forward(legs, cancel);
         async move {
-            let totals = shared.forward(self.legs, self.cancel).await;
-            self.counters.finish(totals.backward, totals.forward);
-            let event =
-                access(&shared, &self.facts, &self.policy, self.peer, self.app, self.port, self.started);
+            let totals = forwarding.await;
+            counters.finish(totals.backward, totals.forward);
+            let event = access(&shared, &facts, &policy, peer, app, port, started);
             event.log("allow", end_reason(totals.end), "", totals.backward, totals.forward);
-            // Named so the block takes it: a block captures only the fields it uses, and one it
-            // did not would be dropped (the connection unregistered) before the forwarding.
-            drop(self.registration);
+            // Named so the block takes it: a block captures only what it uses, and a registration
+            // it did not would be dropped (the connection unregistered) before the forwarding.
+            drop(registration);
         }
     }
 }

@@ -411,15 +411,16 @@ struct ToRemote {
 }
 
 impl ToRemote {
-    /// An `async move` block, not an `async fn`, which would keep a second copy of `self`.
-    #[allow(clippy::manual_async_fn)]
+    /// An `async move` block, not an `async fn`, which would keep a second copy of `self`; the
+    /// forwarding is made before it, so the block does not keep the legs too.
     fn forward(self, shared: Arc<Shared>) -> impl Future<Output = ()> + Send + 'static {
+        let ToRemote { legs, server_id, mtls, peer, remote, started, cancel, counters, early } = self;
+        let forwarding = shared.forward(legs, cancel);
         async move {
-            let t = shared.forward(self.legs, self.cancel).await;
-            let (up_bytes, down_bytes) = (t.forward + self.early.0, t.backward + self.early.1);
-            self.counters.finish(down_bytes, up_bytes);
-            let event =
-                access(&shared, self.remote, self.peer, self.server_id.as_ref(), self.mtls, self.started);
+            let t = forwarding.await;
+            let (up_bytes, down_bytes) = (t.forward + early.0, t.backward + early.1);
+            counters.finish(down_bytes, up_bytes);
+            let event = access(&shared, remote, peer, server_id.as_ref(), mtls, started);
             event.log("allow", end_reason(t.end), "", down_bytes, up_bytes);
         }
     }

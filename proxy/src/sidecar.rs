@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -206,23 +207,18 @@ impl Shared {
     }
 
     /// Forwards a set-up connection's legs until it ends (`forward::Legs::forward`), counted in
-    /// `keycard_connections_active` meanwhile. Not an `async fn`, which would keep the legs twice.
-    pub fn forward<D, U>(
-        &self,
-        legs: crate::forward::Legs<D, U>,
-        cancel: CancellationToken,
-    ) -> impl Future<Output = crate::forward::Totals> + Send + 'static
+    /// `keycard_active_connections` from now until the returned future completes or is dropped.
+    /// Made outside the `async` block that awaits it: a block keeps a slot for each value it
+    /// captures, so capturing the legs would keep them beside their forwarding.
+    pub fn forward<D, U>(&self, legs: crate::forward::Legs<D, U>, cancel: CancellationToken) -> Forwarding
     where
         D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let active = self.metrics.active.clone();
-        let forwarding = legs.forward(self.limits.idle_timeout, cancel);
-        async move {
-            active.inc();
-            let totals = forwarding.await;
-            active.dec();
-            totals
+        self.metrics.active.inc();
+        Forwarding {
+            legs: legs.forward(self.limits.idle_timeout, cancel),
+            active: self.metrics.active.clone(),
         }
     }
 
@@ -235,6 +231,27 @@ impl Shared {
             sent: self.metrics.tcp_sent.with_label_values(&l),
             received: self.metrics.tcp_received.with_label_values(&l),
         }
+    }
+}
+
+/// A connection's forwarding ([`Shared::forward`]), counted in `keycard_active_connections` while
+/// it lives.
+pub struct Forwarding {
+    legs: Pin<Box<dyn Future<Output = crate::forward::Totals> + Send>>,
+    active: prometheus::IntGauge,
+}
+
+impl Future for Forwarding {
+    type Output = crate::forward::Totals;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        self.legs.as_mut().poll(cx)
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.active.dec();
     }
 }
 
