@@ -40,15 +40,20 @@ struct Server {
     _policy: tempfile::TempDir,
 }
 
+/// The details sidecar with an echo app on ports 9080 and 9443.
 async fn details_server(pki: &Pki, policy: &str) -> Server {
-    let dir = policy_dir(policy);
     let (a, b) = (echo().await, echo().await);
+    details_server_for(pki, policy, vec![(9080, a), (9443, b)]).await
+}
+
+async fn details_server_for(pki: &Pki, policy: &str, inbound: Vec<(u16, std::net::SocketAddr)>) -> Server {
+    let dir = policy_dir(policy);
     let run = start(config(SidecarSpec {
         ns: "default",
         sa: "bookinfo-details",
         labels: &[("app", "details")],
         identity: pki.files("default", "bookinfo-details"),
-        inbound: vec![(9080, a), (9443, b)],
+        inbound,
         outbound: vec![],
         policy: Some(dir.path().to_owned()),
     }))
@@ -659,18 +664,7 @@ async fn tcp_byte_counters_count_the_response_as_sent_on_both_sidecars() {
         s.read_exact(&mut req).await.unwrap();
         s.write_all(&[7u8; 1000]).await.unwrap();
     });
-    let dir = policy_dir(&details_policy());
-    let server = start(config(SidecarSpec {
-        ns: "default",
-        sa: "bookinfo-details",
-        labels: &[("app", "details")],
-        identity: pki.files("default", "bookinfo-details"),
-        inbound: vec![(9080, app_addr)],
-        outbound: vec![],
-        policy: Some(dir.path().to_owned()),
-    }))
-    .await;
-    let pp = client(&pki, "default", "bookinfo-productpage", vec![(server.inbound(9080), vec![])]).await;
+    let (Server { run: server, _policy }, pp) = details_and_productpage(&pki, app_addr).await;
     let mut s = TcpStream::connect(pp.addrs.outbound[0]).await.unwrap();
     s.write_all(b"ping").await.unwrap();
     let mut got = Vec::new();
@@ -703,18 +697,7 @@ async fn the_active_connections_gauge_counts_a_forwarded_connection_until_it_clo
         let (mut r, mut w) = s.split();
         let _ = tokio::io::copy(&mut r, &mut w).await;
     });
-    let dir = policy_dir(&details_policy());
-    let server = start(config(SidecarSpec {
-        ns: "default",
-        sa: "bookinfo-details",
-        labels: &[("app", "details")],
-        identity: pki.files("default", "bookinfo-details"),
-        inbound: vec![(9080, app_addr)],
-        outbound: vec![],
-        policy: Some(dir.path().to_owned()),
-    }))
-    .await;
-    let pp = client(&pki, "default", "bookinfo-productpage", vec![(server.inbound(9080), vec![])]).await;
+    let (Server { run: server, _policy }, pp) = details_and_productpage(&pki, app_addr).await;
     let gauge = "keycard_active_connections";
     let mut s = TcpStream::connect(pp.addrs.outbound[0]).await.unwrap();
     s.write_all(b"ping").await.unwrap();
@@ -734,4 +717,12 @@ async fn the_active_connections_gauge_counts_a_forwarded_connection_until_it_clo
     }
     pp.shutdown().await;
     server.shutdown().await;
+}
+
+/// The details sidecar (inbound port 9080 to `app`, the details policy) and a productpage client
+/// sidecar routed to it.
+async fn details_and_productpage(pki: &Pki, app: std::net::SocketAddr) -> (Server, Running) {
+    let server = details_server_for(pki, &details_policy(), vec![(9080, app)]).await;
+    let pp = client(pki, "default", "bookinfo-productpage", vec![(server.run.inbound(9080), vec![])]).await;
+    (server, pp)
 }
