@@ -89,12 +89,18 @@ where
 /// the copying directions). One timer per connection, re-armed only when it fires.
 async fn idle_watchdog(start: Instant, activity: &AtomicU64, idle: Duration) {
     loop {
-        let quiet_until = start + Duration::from_millis(activity.load(Ordering::Relaxed)) + idle;
+        let quiet_until = quiet_until(start, activity, idle);
         if Instant::now() >= quiet_until {
             return;
         }
         tokio::time::sleep_until(quiet_until).await;
     }
+}
+
+/// When a connection whose bytes last moved at `activity` (milliseconds after `start`) reaches its
+/// idle deadline.
+fn quiet_until(start: Instant, activity: &AtomicU64, idle: Duration) -> Instant {
+    start + Duration::from_millis(activity.load(Ordering::Relaxed)) + idle
 }
 
 /// How a direction's copying stopped.
@@ -290,12 +296,11 @@ impl Future for SplicePipe {
                 if this.deadline.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                let last = Duration::from_millis(this.activity.load(Ordering::Relaxed));
-                let quiet_until = *this.start + last + *this.idle;
-                if Instant::now() >= quiet_until {
+                let until = quiet_until(*this.start, this.activity, *this.idle);
+                if Instant::now() >= until {
                     break End::Idle;
                 }
-                this.deadline.as_mut().reset(quiet_until);
+                this.deadline.as_mut().reset(until);
             }
         };
         Poll::Ready(Totals { forward: this.splice.ways[0].moved, backward: this.splice.ways[1].moved, end })

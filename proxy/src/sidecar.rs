@@ -91,8 +91,9 @@ pub struct Shared {
     /// Cancelled when a drain starts: HTTP connections finish in-flight requests and close.
     pub stopping: CancellationToken,
     /// Cancelled when a drain runs out of time: closes every live connection. Only shutdown cancels
-    /// it: outbound connections wait on clones of it, inbound ones on child tokens (the live
-    /// registry closes one alone when a policy reload denies it).
+    /// it. Connections the live registry tracks (inbound, closed alone when a policy reload denies
+    /// them) wait on child tokens; every other connection waits on a clone of it (a child costs an
+    /// allocation and a lock on the drain each).
     pub drain: CancellationToken,
     slots: Arc<Semaphore>,
     failures: Mutex<VecDeque<Failure>>,
@@ -189,7 +190,7 @@ pub type Serving = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 /// The two run one after the other in the task, and the set-up's future (detection, handshake,
 /// authorization, connects: most of a connection's code) is freed before its long life starts.
 /// A task is as large as its largest state: with both in one future an idle L4 connection's
-/// future was 4.7 KB for its whole life, of which its long life needs 0.3 (ARCHITECTURE.md).
+/// future was 4.7 KB for its whole life, of which its long life needs 0.2 (ARCHITECTURE.md).
 pub async fn accept_loop<F, Fut>(
     shared: Arc<Shared>,
     listener: TcpListener,

@@ -307,7 +307,7 @@ pub fn local(
 /// Once both sides have switched protocols, copies bytes between them (idle deadline and drain
 /// as for TCP), as a tracked task.
 pub fn bridge(shared: &Arc<Shared>, downstream: OnUpgrade, upstream: OnUpgrade) {
-    let cancel = shared.drain.child_token();
+    let cancel = shared.drain.clone();
     let idle = shared.limits.idle_timeout;
     shared.tracker.spawn(async move {
         let (Ok(a), Ok(b)) = tokio::join!(downstream, upstream) else { return };

@@ -120,7 +120,7 @@ impl Pool {
             .await
             .map_err(DialError::Http2)?;
         shared.metrics.pool_opened.with_label_values(&[&self.label]).inc();
-        let kill = shared.drain.child_token();
+        let kill = shared.drain.clone();
         // Ends when the remote closes, every handle is dropped (pool gone, requests done), or
         // the drain deadline passes.
         shared.tracker.spawn(async move {
