@@ -83,6 +83,23 @@ pub fn normalize_path(path: &str, mode: PathNormalization) -> Result<String, Pat
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
+    if already_normal(path) {
+        return Ok(path.to_owned());
+    }
+    rewrite(path, mode)
+}
+
+/// Whether every mode accepts `path` and leaves it as it is: no control character, `%` or `\`,
+/// no empty segment (`//`), no `.` or `..` segment. Most paths are, and skip the passes that
+/// copy them (a request's path cost an inbound sidecar about 1,600 instructions through them).
+fn already_normal(path: &str) -> bool {
+    !path.bytes().any(|b| b.is_ascii_control() || b == b'%' || b == b'\\')
+        && !path.contains("//")
+        && !path.split('/').any(|segment| segment == "." || segment == "..")
+}
+
+/// The passes: decode and check, remove dot segments, merge slashes (as `mode` says).
+fn rewrite(path: &str, mode: PathNormalization) -> Result<String, PathError> {
     let decoded = decode(path, mode)?;
     if mode == PathNormalization::None {
         return Ok(path.to_owned());
@@ -186,6 +203,27 @@ mod tests {
     use super::*;
 
     const NONE: PathNormalization = PathNormalization::None;
+
+    /// The shortcut for paths that need no rewriting gives what the passes give, for every mode,
+    /// on every path of up to six characters from an alphabet of the characters that matter.
+    #[test]
+    fn paths_left_alone_are_those_the_passes_leave_alone() {
+        let alphabet = ['/', '.', 'a', '%', '2', 'e', '\\', '\u{1}', 'é'];
+        let mut paths = vec![String::from("/")];
+        let mut last = paths.clone();
+        for _ in 0..5 {
+            last = last.iter().flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}"))).collect();
+            paths.extend(last.iter().cloned());
+        }
+        let mut shortcut = 0;
+        for path in &paths {
+            for mode in [NONE, Base, MergeSlashes, DecodeAndMergeSlashes] {
+                assert_eq!(normalize_path(path, mode), rewrite(path, mode), "{path:?} under {mode:?}");
+            }
+            shortcut += usize::from(already_normal(path));
+        }
+        assert!(shortcut > 1000, "the shortcut was taken for {shortcut} of {} paths", paths.len());
+    }
 
     #[test]
     fn paths_normalise_as_istio_documents() {

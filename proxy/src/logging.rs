@@ -13,6 +13,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::{fmt, io};
 
 use tracing::field::{Field, Visit};
@@ -37,6 +38,7 @@ pub fn init(filter: &str, json: bool) -> LogControl {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
+    DIRECT_JSON.store(json, Ordering::Relaxed);
     if json {
         registry.with(json_layer(Stderr)).init()
     } else {
@@ -203,19 +205,10 @@ where
 }
 
 fn write_line(line: &mut Vec<u8>, event: &Event<'_>) -> Result<(), fmt::Error> {
-    let mut timestamp = String::with_capacity(32);
-    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        Ok(since) => write_timestamp(&mut timestamp, since),
-        // A clock before 1970: tracing-subscriber's formatter knows how to write that.
-        Err(_) => SystemTime.format_time(&mut Writer::new(&mut timestamp))?,
-    }
     // Events from the `log` crate (rustls) carry their real target and level as fields.
     let normalized = event.normalized_metadata();
     let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
-    line.extend_from_slice(b"{\"timestamp\":");
-    push_json_str(line, &timestamp);
-    line.extend_from_slice(b",\"level\":");
-    push_json_str(line, meta.level().as_str());
+    push_head(line, meta.level())?;
     let mut fields = JsonFieldsVisitor { line: &mut *line, ok: true };
     event.record(&mut fields);
     if !fields.ok {
@@ -223,6 +216,101 @@ fn write_line(line: &mut Vec<u8>, event: &Event<'_>) -> Result<(), fmt::Error> {
     }
     line.extend_from_slice(b",\"target\":");
     push_json_str(line, meta.target());
+    line.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// `{"timestamp":"...","level":"..."`: how every line starts.
+fn push_head(line: &mut Vec<u8>, level: &tracing::Level) -> fmt::Result {
+    let mut timestamp = String::with_capacity(32);
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => write_timestamp(&mut timestamp, since),
+        // A clock before 1970: tracing-subscriber's formatter knows how to write that.
+        Err(_) => SystemTime.format_time(&mut Writer::new(&mut timestamp))?,
+    }
+    line.extend_from_slice(b"{\"timestamp\":");
+    push_json_str(line, &timestamp);
+    line.extend_from_slice(b",\"level\":");
+    push_json_str(line, level.as_str());
+    Ok(())
+}
+
+/// Set by [`init`] when this process writes JSON lines.
+static DIRECT_JSON: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process writes JSON lines (set up by [`init`]), so that a line may be written by
+/// [`json_event`] instead of through tracing. In-process subscribers (tests) never see this set.
+pub fn direct_json() -> bool {
+    DIRECT_JSON.load(Ordering::Relaxed)
+}
+
+/// The fields of a line that [`json_event`] writes, each as `,"key":value` (as the JSON layer
+/// writes a field recorded as a `str`, a `u64` or a `bool`).
+pub struct LineFields<'a> {
+    line: &'a mut Vec<u8>,
+}
+
+impl LineFields<'_> {
+    pub fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        push_json_str(self.line, value);
+    }
+
+    pub fn u64(&mut self, key: &str, value: u64) {
+        self.key(key);
+        self.line.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    pub fn bool(&mut self, key: &str, value: bool) {
+        self.key(key);
+        self.line.extend_from_slice(if value { b"true" } else { b"false" });
+    }
+
+    /// `key` is a field name that needs no escaping (the callers' literals, checked in debug
+    /// builds and by the tests that compare lines with the JSON layer's): copied whole, unchecked.
+    fn key(&mut self, key: &str) {
+        debug_assert!(!needs_escape(key.as_bytes()), "{key:?}");
+        self.line.reserve(key.len() + 4);
+        self.line.extend_from_slice(b",\"");
+        self.line.extend_from_slice(key.as_bytes());
+        self.line.extend_from_slice(b"\":");
+    }
+}
+
+/// Writes, on this thread's held lines, the line the JSON layer writes for an event of `level`
+/// and `target` with the message `message` and `fields` (in that order), without building a
+/// tracing event: no callsite, no field set, no visitor per field. For lines as frequent as
+/// requests (`access`); the caller checks [`direct_json`] and that the filter lets the event
+/// through (`tracing::enabled!`), and logs through tracing otherwise.
+pub fn json_event(
+    level: &tracing::Level,
+    target: &str,
+    message: &str,
+    fields: impl FnOnce(&mut LineFields<'_>),
+) {
+    let mut line = LINE.take();
+    line.clear();
+    if json_event_into(&mut line, level, target, message, fields).is_ok() {
+        let _ = write_line_to(&line, &mut io::stderr());
+    }
+    if line.capacity() <= KEEP_BUFFER {
+        LINE.set(line);
+    }
+}
+
+pub(crate) fn json_event_into(
+    line: &mut Vec<u8>,
+    level: &tracing::Level,
+    target: &str,
+    message: &str,
+    fields: impl FnOnce(&mut LineFields<'_>),
+) -> fmt::Result {
+    push_head(line, level)?;
+    let mut f = LineFields { line: &mut *line };
+    f.str("message", message);
+    fields(&mut f);
+    line.extend_from_slice(b",\"target\":");
+    push_json_str(line, target);
     line.extend_from_slice(b"}\n");
     Ok(())
 }
@@ -249,17 +337,17 @@ fn needs_escape(s: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
     let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
-    let mut words = s.chunks_exact(8);
-    for word in &mut words {
+    let escapes = |word: &[u8]| {
         let mut bytes = [0u8; 8];
         bytes.copy_from_slice(word);
         let x = u64::from_ne_bytes(bytes);
-        if below(x, 0x20) || below(x ^ (ONES * u64::from(b'"')), 1) || below(x ^ (ONES * u64::from(b'\\')), 1)
-        {
-            return true;
-        }
+        below(x, 0x20) || below(x ^ (ONES * u64::from(b'"')), 1) || below(x ^ (ONES * u64::from(b'\\')), 1)
+    };
+    if s.len() < 8 {
+        return s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
     }
-    words.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    // The last word overlaps the one before it rather than leaving bytes to check one by one.
+    s.chunks_exact(8).any(escapes) || escapes(&s[s.len() - 8..])
 }
 
 /// An event's fields as `,"name":value` each, as tracing-serde's map visitor writes them (the same
@@ -369,17 +457,16 @@ fn write_timestamp(out: &mut String, since: std::time::Duration) {
     out.push('Z');
 }
 
+/// A writer the tests read lines back from.
 #[cfg(test)]
-mod tests {
+pub(crate) mod capture {
     use std::io;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
-    use tracing_subscriber::prelude::*;
-
-    use super::*;
+    use tracing_subscriber::fmt::MakeWriter;
 
     #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
+    pub struct Capture(Arc<Mutex<Vec<u8>>>);
 
     impl io::Write for Capture {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -400,17 +487,32 @@ mod tests {
 
     impl Capture {
         /// The captured lines with each timestamp's value replaced by `T`.
-        fn lines(&self) -> Vec<String> {
+        pub fn lines(&self) -> Vec<String> {
             let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
-            String::from_utf8_lossy(&bytes)
-                .lines()
-                .map(|l| match (l.find("\"timestamp\":\""), l.find("\",\"level\"")) {
-                    (Some(a), Some(b)) => format!("{}\"timestamp\":\"T{}", &l[..a], &l[b..]),
-                    _ => l.to_owned(),
-                })
-                .collect()
+            without_timestamps(&bytes)
         }
     }
+
+    /// `bytes`' lines with each timestamp's value replaced by `T`.
+    pub fn without_timestamps(bytes: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(bytes)
+            .lines()
+            .map(|l| match (l.find("\"timestamp\":\""), l.find("\",\"level\"")) {
+                (Some(a), Some(b)) => format!("{}\"timestamp\":\"T{}", &l[..a], &l[b..]),
+                _ => l.to_owned(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use tracing_subscriber::prelude::*;
+
+    use super::capture::Capture;
+    use super::*;
 
     fn emit_all() {
         let addr: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap_or(([127, 0, 0, 1], 1).into());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::Body;
@@ -155,7 +155,7 @@ impl AppPool {
         if let Some(send) = current.filter(|s| !s.is_closed()) {
             return Ok(send);
         }
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        let (send, conn) = http2::Builder::new(super::SpawnBoxed)
             .timer(TokioTimer::new())
             .handshake(self.connect().await?)
             .await?;
@@ -385,7 +385,7 @@ mod tests {
                     let svc = hyper::service::service_fn(|_req| async {
                         Ok::<_, std::convert::Infallible>(Response::new(body::full("h2")))
                     });
-                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .serve_connection(TokioIo::new(s), svc);
                     tokio::select! {
                         _ = conn => {}

@@ -73,9 +73,12 @@ impl InboundHttp {
         };
         let registration = shared.live.register(Arc::new(facts), kill.clone());
         let (this, peer) = (self.clone(), Arc::new(peer));
+        // Each request's future is boxed where it is made: hyper keeps an HTTP/2 request's
+        // future in the task it spawns for the stream, and a future is moved whole, at its
+        // largest state's size, each time it changes hands on the way there.
         let svc = service_fn(move |req| {
             let (this, peer) = (this.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(this.request(req, &peer).await) }
+            Box::pin(async move { Ok::<_, Infallible>(this.request(req, &peer).await) })
         });
         let (idle, stopping) = (shared.limits.idle_timeout, shared.stopping.clone());
         let serving = super::server::serve(self.server.clone(), io, svc, idle, stopping, kill);

@@ -27,8 +27,26 @@ use hyper_util::rt::TokioIo;
 use keycard_config::SpiffeId;
 
 use self::body::{Body, BoxError, Outcome, Tracked};
-use crate::access::AddrText;
+use crate::access::RequestLine;
 use crate::sidecar::{Direction, Shared};
+
+/// The executor hyper spawns its HTTP/2 tasks on (a served stream with its request's future, a
+/// request's response future on a client connection): each future is boxed before it is
+/// spawned. hyper's client spawns per request a value of an enum whose largest variant is the
+/// whole connection (a few KB), and a future is moved whole, at that size, each time it changes
+/// hands on its way into the runtime's task: boxed first, the runtime moves a pointer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpawnBoxed;
+
+impl<F> hyper::rt::Executor<F> for SpawnBoxed
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
+    }
+}
 
 /// One request as it is reported when its response ends: a metric sample and an access event.
 pub struct Exchange {
@@ -124,32 +142,30 @@ impl Exchange {
             c.request_bytes.observe(request_bytes as f64);
             c.response_bytes.observe(outcome.bytes as f64);
         });
-        let (src, dst) = (AddrText::new(self.src_addr), AddrText::new(self.dst_addr));
-        tracing::info!(
-            target: "keycard::access",
-            direction = self.direction.as_str(),
-            src.addr = src.as_str(),
-            src.identity = self.src_identity.as_ref().map_or("-", SpiffeId::as_str),
-            dst.addr = dst.as_str(),
-            dst.identity = self.dst_identity.as_ref().map_or("-", SpiffeId::as_str),
-            port = self.port,
-            mtls = self.mtls,
-            protocol = self.protocol,
-            method = self.method.as_str(),
-            path = self.path.as_str(),
-            authority = self.authority.as_str(),
+        RequestLine {
+            direction: self.direction,
+            src_addr: self.src_addr,
+            src_identity: self.src_identity.as_ref(),
+            dst_addr: self.dst_addr,
+            dst_identity: self.dst_identity.as_ref(),
+            port: self.port,
+            mtls: self.mtls,
+            protocol: self.protocol,
+            method: &self.method,
+            path: &self.path,
+            authority: &self.authority,
             status,
-            grpc_status = grpc,
-            request_id = self.request_id.as_str(),
-            policy = self.policy.as_str(),
-            decision = verdict.decision,
-            reason = verdict.reason,
-            response_flags = flags,
-            bytes_sent = outcome.bytes,
-            bytes_recv = request_bytes,
-            duration_ms = elapsed.as_millis() as u64,
-            "access"
-        );
+            grpc_status: grpc,
+            request_id: &self.request_id,
+            policy: &self.policy,
+            decision: verdict.decision,
+            reason: verdict.reason,
+            response_flags: flags,
+            bytes_sent: outcome.bytes,
+            bytes_recv: request_bytes,
+            duration_ms: elapsed.as_millis() as u64,
+        }
+        .log();
     }
 }
 

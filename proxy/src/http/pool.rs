@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use keycard_config::SpiffeId;
 
 use super::body::Body;
@@ -111,7 +111,7 @@ impl Pool {
 
     async fn open(&self, shared: &Shared, route: &Route) -> Result<Arc<Conn>, DialError> {
         let (stream, peer) = dial(shared, self.remote, route, &self.tls).await?;
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        let (send, conn) = http2::Builder::new(super::SpawnBoxed)
             .timer(TokioTimer::new())
             .keep_alive_interval(std::time::Duration::from_secs(30))
             .keep_alive_timeout(std::time::Duration::from_secs(10))

@@ -26,7 +26,7 @@ use bytes::{Buf as _, Bytes};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use keycard_config::sidecar::HttpSettings;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -41,7 +41,7 @@ use super::sniff::{self, Rewind, Sniffed};
 /// One per host (an inbound port, an outbound upstream), shared by its connections.
 pub struct Server {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<super::SpawnBoxed>,
     rest_after: Duration,
     max_head: usize,
     max_headers: usize,
@@ -57,7 +57,7 @@ pub fn builder(s: &HttpSettings, on_smuggling: OnRefused) -> Arc<Server> {
         .max_headers(s.max_headers)
         .max_buf_size(s.max_header_bytes.max(8192))
         .keep_alive(true);
-    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    let mut http2 = http2::Builder::new(super::SpawnBoxed);
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(s.max_concurrent_streams)

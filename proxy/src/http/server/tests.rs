@@ -3,6 +3,7 @@ use std::convert::Infallible;
 
 use http_body_util::BodyExt as _;
 use hyper::service::service_fn;
+use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
