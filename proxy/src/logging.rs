@@ -251,16 +251,19 @@ pub struct LineFields<'a> {
 }
 
 impl LineFields<'_> {
+    #[inline(always)]
     pub fn str(&mut self, key: &str, value: &str) {
         self.key(key);
         push_json_str(self.line, value);
     }
 
+    #[inline(always)]
     pub fn u64(&mut self, key: &str, value: u64) {
         self.key(key);
         self.line.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
 
+    #[inline(always)]
     pub fn bool(&mut self, key: &str, value: bool) {
         self.key(key);
         self.line.extend_from_slice(if value { b"true" } else { b"false" });
@@ -268,6 +271,9 @@ impl LineFields<'_> {
 
     /// `key` is a field name that needs no escaping (the callers' literals, checked in debug
     /// builds and by the tests that compare lines with the JSON layer's): copied whole, unchecked.
+    /// Inlined, like the three above, so a literal's length is known where it is copied and the
+    /// copy is a few moves rather than a call to `memcpy`.
+    #[inline(always)]
     fn key(&mut self, key: &str) {
         debug_assert!(!needs_escape(key.as_bytes()), "{key:?}");
         self.line.reserve(key.len() + 4);

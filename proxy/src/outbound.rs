@@ -125,13 +125,17 @@ pub fn server_name(route: &Route, remote: SocketAddr) -> ServerName<'static> {
 /// may carry HTTP, the pool. Its own listener and the capture listener share it.
 pub struct UpstreamHandler {
     up: Upstream,
-    route: tokio::sync::watch::Receiver<Route>,
+    route: tokio::sync::watch::Receiver<Arc<Route>>,
     cache: ConfigCache,
     http: Option<Arc<crate::http::outbound::OutboundHttp>>,
 }
 
 impl UpstreamHandler {
-    pub fn new(shared: &Arc<Shared>, up: Upstream, route: tokio::sync::watch::Receiver<Route>) -> Arc<Self> {
+    pub fn new(
+        shared: &Arc<Shared>,
+        up: Upstream,
+        route: tokio::sync::watch::Receiver<Arc<Route>>,
+    ) -> Arc<Self> {
         let http = (up.protocol() != Protocol::Tcp)
             .then(|| crate::http::outbound::OutboundHttp::new(shared.clone(), up.clone(), route.clone()));
         Arc::new(Self { up, route, cache: ConfigCache::new(OUTBOUND_ALPN), http })

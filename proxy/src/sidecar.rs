@@ -303,7 +303,7 @@ pub struct Sidecar {
     admin: [TcpListener; 3],
     cert_manager: CertManager,
     policy_tx: watch::Sender<Arc<WorkloadPolicy>>,
-    route_txs: Vec<watch::Sender<Route>>,
+    route_txs: Vec<watch::Sender<Arc<Route>>>,
     pub(crate) status: Arc<Mutex<PolicyStatus>>,
     reload: Arc<Notify>,
     pub(crate) log_control: Option<crate::admin::LogControl>,
@@ -351,7 +351,7 @@ impl Sidecar {
             let (l, addr) = bind_optional(up.listen).await?;
             out_addrs.extend(addr);
             outbound.push(l);
-            route_txs.push(watch::channel(Route::for_upstream(up, &set)).0);
+            route_txs.push(watch::channel(Arc::new(Route::for_upstream(up, &set))).0);
         }
         let wanted = cfg.capture.as_ref().map_or([None, None], |c| [c.inbound, c.outbound]);
         let (capture_in, capture_in_addr) = bind_optional(wanted[0]).await?;
@@ -560,7 +560,7 @@ struct Reloader {
     cfg: SidecarConfig,
     shared: Arc<Shared>,
     policy_tx: watch::Sender<Arc<WorkloadPolicy>>,
-    route_txs: Vec<watch::Sender<Route>>,
+    route_txs: Vec<watch::Sender<Arc<Route>>>,
     status: Arc<Mutex<PolicyStatus>>,
 }
 
@@ -616,7 +616,7 @@ impl Reloader {
         ));
         self.policy_tx.send_replace(wp.clone());
         for (up, tx) in self.cfg.outbound.iter().zip(&self.route_txs) {
-            tx.send_replace(Route::for_upstream(up, &set));
+            tx.send_replace(Arc::new(Route::for_upstream(up, &set)));
         }
         let refs = wp.authz_refs();
         let closed = self.shared.live.close_denied(|facts| {

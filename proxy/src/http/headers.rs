@@ -83,17 +83,23 @@ pub fn ensure_request_id(h: &mut HeaderMap) -> String {
 }
 
 fn uuid_v4() -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut b = random_16();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut id = String::with_capacity(36);
-    for (i, chunk) in [&b[0..4], &b[4..6], &b[6..8], &b[8..10], &b[10..16]].into_iter().enumerate() {
-        if i > 0 {
-            id.push('-');
+    // Written into an array and copied out once (a `String` pushed a character at a time
+    // checked its capacity and encoded UTF-8 for each of the 36).
+    let mut text = [b'-'; 36];
+    let mut at = 0;
+    for (i, x) in b.into_iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
         }
-        push_hex(&mut id, chunk);
+        text[at] = DIGITS[usize::from(x >> 4)];
+        text[at + 1] = DIGITS[usize::from(x & 0xf)];
+        at += 2;
     }
-    id
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 /// 16 bytes from the system RNG, drawn 1 KiB at a time per thread: each draw of aws-lc's DRBG

@@ -5,7 +5,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -23,7 +24,7 @@ use crate::sidecar::{Direction, Shared};
 pub struct OutboundHttp {
     shared: Arc<Shared>,
     up: Upstream,
-    route: watch::Receiver<Route>,
+    route: watch::Receiver<Arc<Route>>,
     pool: Pool,
     upgrade_tls: ConfigCache,
     server: Arc<super::server::Server>,
@@ -32,7 +33,7 @@ pub struct OutboundHttp {
 }
 
 impl OutboundHttp {
-    pub fn new(shared: Arc<Shared>, up: Upstream, route: watch::Receiver<Route>) -> Arc<Self> {
+    pub fn new(shared: Arc<Shared>, up: Upstream, route: watch::Receiver<Arc<Route>>) -> Arc<Self> {
         let s = &shared.http;
         let pool = Pool::new(up.remote, s.pool_max_connections, s.pool_streams_per_connection);
         let server = super::server::builder(s, smuggling_counter(&shared, "outbound"));
@@ -83,10 +84,16 @@ impl OutboundHttp {
         parts.headers.remove(XFCC);
         let proto = if downstream_version == Version::HTTP_2 { "h2" } else { "h1" };
         parts.headers.insert(DOWNSTREAM_PROTOCOL, HeaderValue::from_static(proto));
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        parts.uri = match format!("http://{authority}{pq}").parse() {
-            Ok(u) => u,
-            Err(_) => return local(shared, ex, StatusCode::BAD_REQUEST, "bad request target\n", BAD, &[]),
+        // The request's own path and query, kept as hyper parsed them, under `http://authority`.
+        let mut target = std::mem::take(&mut parts.uri).into_parts();
+        target.scheme = Some(Scheme::HTTP);
+        target.authority = Authority::try_from(authority.as_str()).ok();
+        if target.path_and_query.is_none() {
+            target.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        parts.uri = match (target.authority.is_some(), Uri::from_parts(target)) {
+            (true, Ok(u)) => u,
+            _ => return local(shared, ex, StatusCode::BAD_REQUEST, "bad request target\n", BAD, &[]),
         };
         let route = self.route.borrow().clone();
         let body = body::boxed(Counted::new(body, ex.request_bytes.clone()));
