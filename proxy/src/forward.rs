@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -64,36 +64,102 @@ pub struct Totals {
     pub end: End,
 }
 
-pub async fn pipe<A, B>(a: A, b: B, idle: Duration, cancel: CancellationToken) -> Totals
+/// Copies both ways through user space (the TLS legs rustls seals and opens) until both sides
+/// close, the idle deadline or `cancel`: each direction reads a chunk into a lent buffer and
+/// writes it on, and shuts its writer down at its reader's EOF.
+///
+/// Written out like [`splice_pipe`] rather than as `async` code: the two streams are polled from
+/// one future, each direction a small state machine beside them, so no stream is split into two
+/// shared halves (an allocation each and a lock per read and write) and an idle connection keeps
+/// no `join!` or `select!` state.
+pub fn pipe<A, B>(a: A, b: B, idle: Duration, cancel: CancellationToken) -> CopyPipe<A, B> {
+    CopyPipe { a, b, ways: [CopyWay::new(), CopyWay::new()], watch: Watch::new(idle, cancel) }
+}
+
+pin_project_lite::pin_project! {
+    /// [`pipe`]'s future: both directions, then the watch.
+    pub struct CopyPipe<A, B> {
+        a: A,
+        b: B,
+        // `ways[0]` copies `a`'s bytes to `b`, `ways[1]` the reverse.
+        ways: [CopyWay; 2],
+        #[pin]
+        watch: Watch,
+    }
+}
+
+impl<A, B> Future for CopyPipe<A, B>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let activity = AtomicU64::new(0);
-    let (ar, aw) = tokio::io::split(a);
-    let (br, bw) = tokio::io::split(b);
-    let (fwd, bwd) = (AtomicU64::new(0), AtomicU64::new(0));
-    let both = async {
-        tokio::join!(one_way(ar, bw, &fwd, &activity, start), one_way(br, aw, &bwd, &activity, start))
-    };
-    let end = tokio::select! {
-        (x, y) = both => if x && y { End::Done } else { End::Error },
-        () = idle_watchdog(start, &activity, idle) => End::Idle,
-        () = cancel.cancelled() => End::Cancelled,
-    };
-    Totals { forward: fwd.load(Ordering::Relaxed), backward: bwd.load(Ordering::Relaxed), end }
+    type Output = Totals;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
+        let this = self.project();
+        let (start, activity) = (this.watch.start, &this.watch.activity);
+        let [forward, backward] = this.ways;
+        let x = forward.poll(cx, this.a, this.b, activity, start);
+        let y = backward.poll(cx, this.b, this.a, activity, start);
+        let end = match (x, y) {
+            (Poll::Ready(x), Poll::Ready(y)) => Some(if x && y { End::Done } else { End::Error }),
+            _ => None,
+        };
+        this.watch.poll_end(cx, end).map(|end| Totals {
+            forward: forward.moved,
+            backward: backward.moved,
+            end,
+        })
+    }
 }
 
-/// Completes once `idle` has passed since the last activity (milliseconds after `start`, stored by
-/// the copying directions). One timer per connection, re-armed only when it fires.
-async fn idle_watchdog(start: Instant, activity: &AtomicU64, idle: Duration) {
-    loop {
-        let quiet_until = quiet_until(start, activity, idle);
-        if Instant::now() >= quiet_until {
-            return;
+pin_project_lite::pin_project! {
+    /// What ends a forwarded connection besides its sides closing: the idle deadline over both
+    /// directions (one timer, re-armed only when it fires early) and the cancellation.
+    struct Watch {
+        start: Instant,
+        // When bytes last moved, milliseconds after `start` (stored by the directions).
+        activity: AtomicU64,
+        idle: Duration,
+        #[pin]
+        deadline: tokio::time::Sleep,
+        #[pin]
+        cancelled: tokio_util::sync::WaitForCancellationFutureOwned,
+    }
+}
+
+impl Watch {
+    fn new(idle: Duration, cancel: CancellationToken) -> Self {
+        let start = Instant::now();
+        Watch {
+            start,
+            activity: AtomicU64::new(0),
+            idle,
+            deadline: tokio::time::sleep_until(start + idle),
+            cancelled: cancel.cancelled_owned(),
         }
-        tokio::time::sleep_until(quiet_until).await;
+    }
+
+    /// `done`: how the directions ended, if both have. Else whether the cancellation or the idle
+    /// deadline ends the connection now.
+    fn poll_end(self: Pin<&mut Self>, cx: &mut Context<'_>, done: Option<End>) -> Poll<End> {
+        if let Some(end) = done {
+            return Poll::Ready(end);
+        }
+        let mut this = self.project();
+        if this.cancelled.poll(cx).is_ready() {
+            return Poll::Ready(End::Cancelled);
+        }
+        loop {
+            if this.deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let until = quiet_until(*this.start, this.activity, *this.idle);
+            if Instant::now() >= until {
+                return Poll::Ready(End::Idle);
+            }
+            this.deadline.as_mut().reset(until);
+        }
     }
 }
 
@@ -110,26 +176,79 @@ enum Stop {
     WriteFailed,
 }
 
-/// One direction: a chunk read and not yet wholly written, if any.
-struct OneWay<'a, R, W> {
-    r: R,
-    w: W,
+/// One direction of a copied connection.
+struct CopyWay {
+    state: CopyState,
+    /// A chunk read and not yet wholly written: the buffer, how much is written, how much read.
     chunk: Option<(Box<[u8]>, usize, usize)>,
     /// A read filled a small buffer: this flow reads in large ones from now on.
     large: bool,
     /// Written since the last flush (a TLS writer may hold records until flushed).
     unflushed: bool,
-    count: &'a AtomicU64,
-    activity: &'a AtomicU64,
-    start: Instant,
+    /// Bytes moved.
+    moved: u64,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> OneWay<'_, R, W> {
-    fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<Stop> {
+enum CopyState {
+    Copying,
+    /// Shutting the writer down after the reader's end; whether that end was clean.
+    Closing(bool),
+    /// Finished: whether without error.
+    Done(bool),
+}
+
+impl CopyWay {
+    fn new() -> Self {
+        Self { state: CopyState::Copying, chunk: None, large: false, unflushed: false, moved: 0 }
+    }
+
+    /// Copies `r` to `w` until the end (then shuts `w` down, except after a failed write);
+    /// ready with whether it ended without error.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        activity: &AtomicU64,
+        start: Instant,
+    ) -> Poll<bool>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            self.state = match self.state {
+                CopyState::Copying => match self.poll_copy(cx, r, w, activity, start) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Stop::Eof) => CopyState::Closing(true),
+                    Poll::Ready(Stop::ReadFailed) => CopyState::Closing(false),
+                    Poll::Ready(Stop::WriteFailed) => CopyState::Done(false),
+                },
+                CopyState::Closing(ok) => match Pin::new(&mut *w).poll_shutdown(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(_) => CopyState::Done(ok),
+                },
+                CopyState::Done(ok) => return Poll::Ready(ok),
+            }
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        activity: &AtomicU64,
+        start: Instant,
+    ) -> Poll<Stop>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         loop {
             if let Some((buf, pos, len)) = &mut self.chunk {
                 while *pos < *len {
-                    match Pin::new(&mut self.w).poll_write(cx, &buf[*pos..*len]) {
+                    match Pin::new(&mut *w).poll_write(cx, &buf[*pos..*len]) {
                         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Stop::WriteFailed),
                         Poll::Ready(Ok(n)) => *pos += n,
                         Poll::Pending => return Poll::Pending,
@@ -140,12 +259,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> OneWay<'_, R, W> {
                     give_back(buf);
                 }
                 self.unflushed = true;
-                self.count.fetch_add(written, Ordering::Relaxed);
-                self.activity.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                self.moved += written;
+                activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
             let mut buf = take(self.large);
             let mut rb = ReadBuf::new(&mut buf);
-            match Pin::new(&mut self.r).poll_read(cx, &mut rb) {
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => {
                     give_back(buf);
                     return Poll::Ready(Stop::Eof);
@@ -163,7 +282,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> OneWay<'_, R, W> {
                     give_back(buf);
                     // Nothing more to read for now: push out what the writer holds.
                     if self.unflushed {
-                        match Pin::new(&mut self.w).poll_flush(cx) {
+                        match Pin::new(&mut *w).poll_flush(cx) {
                             Poll::Ready(Ok(())) => self.unflushed = false,
                             Poll::Ready(Err(_)) => return Poll::Ready(Stop::WriteFailed),
                             Poll::Pending => {}
@@ -173,27 +292,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> OneWay<'_, R, W> {
                 }
             }
         }
-    }
-}
-
-/// Copies until EOF, then shuts down the writer. `false` on an I/O error.
-async fn one_way<R, W>(r: R, w: W, count: &AtomicU64, activity: &AtomicU64, start: Instant) -> bool
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut d = OneWay { r, w, chunk: None, large: false, unflushed: false, count, activity, start };
-    let stop = std::future::poll_fn(|cx| d.poll_copy(cx)).await;
-    match stop {
-        Stop::Eof => {
-            let _ = d.w.shutdown().await;
-            true
-        }
-        Stop::ReadFailed => {
-            let _ = d.w.shutdown().await;
-            false
-        }
-        Stop::WriteFailed => false,
     }
 }
 
@@ -255,30 +353,15 @@ where
 /// written out beside them too (a `select!` kept 0.3 KB of its own) it is 0.45 KB
 /// (bench/README.md).
 pub fn splice_pipe(a: Leg, b: Leg, idle: Duration, cancel: CancellationToken) -> SplicePipe {
-    let start = Instant::now();
-    SplicePipe {
-        splice: Splice::new(a, b),
-        start,
-        activity: AtomicU64::new(0),
-        idle,
-        deadline: tokio::time::sleep_until(start + idle),
-        cancelled: cancel.cancelled_owned(),
-    }
+    SplicePipe { splice: Splice::new(a, b), watch: Watch::new(idle, cancel) }
 }
 
 pin_project_lite::pin_project! {
-    /// [`splice_pipe`]'s future: both directions, the idle deadline (re-armed only when it fires
-    /// early) and the cancellation, polled in that order.
+    /// [`splice_pipe`]'s future: both directions, then the watch.
     pub struct SplicePipe {
         splice: Splice,
-        start: Instant,
-        // When bytes last moved, milliseconds after `start` (stored by the directions).
-        activity: AtomicU64,
-        idle: Duration,
         #[pin]
-        deadline: tokio::time::Sleep,
-        #[pin]
-        cancelled: tokio_util::sync::WaitForCancellationFutureOwned,
+        watch: Watch,
     }
 }
 
@@ -286,24 +369,17 @@ impl Future for SplicePipe {
     type Output = Totals;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
-        let mut this = self.project();
-        let end = if let Poll::Ready((x, y)) = this.splice.poll(cx, this.activity, *this.start) {
-            if x && y { End::Done } else { End::Error }
-        } else if this.cancelled.poll(cx).is_ready() {
-            End::Cancelled
-        } else {
-            loop {
-                if this.deadline.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                let until = quiet_until(*this.start, this.activity, *this.idle);
-                if Instant::now() >= until {
-                    break End::Idle;
-                }
-                this.deadline.as_mut().reset(until);
-            }
+        let this = self.project();
+        let done = match this.splice.poll(cx, &this.watch.activity, this.watch.start) {
+            Poll::Ready((x, y)) => Some(if x && y { End::Done } else { End::Error }),
+            Poll::Pending => None,
         };
-        Poll::Ready(Totals { forward: this.splice.ways[0].moved, backward: this.splice.ways[1].moved, end })
+        let [forward, backward] = &this.splice.ways;
+        this.watch.poll_end(cx, done).map(|end| Totals {
+            forward: forward.moved,
+            backward: backward.moved,
+            end,
+        })
     }
 }
 

@@ -99,56 +99,87 @@ async fn idle_spliced_connections_hold_no_pipes() {
     assert!(held <= 2 * SPARE_PIPES + 16, "{held} pipe descriptors for 40 idle connections");
 }
 
-#[tokio::test]
-async fn a_spliced_connection_that_keeps_moving_bytes_outlives_its_idle_deadline() {
+/// The two kinds of forwarding for `down` and `up`: copied (rustls legs), spliced (plain TCP).
+fn forwarding(
+    splice: bool,
+    down: TcpStream,
+    up: TcpStream,
+    idle: Duration,
+    cancel: CancellationToken,
+) -> Pin<Box<dyn Future<Output = Totals> + Send>> {
+    let legs = if splice { Legs::Spliced(Leg::plain(down), Leg::plain(up)) } else { Legs::Copied(down, up) };
+    legs.forward(idle, cancel)
+}
+
+/// client <-> front (proxied) and the accepted pair: the client, and the proxy's two legs toward
+/// a server that echoes (`echo`) or holds its connection open and silent.
+async fn legs(echo: bool) -> (TcpStream, TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
-        let (mut r, mut w) = s.split();
-        let _ = tokio::io::copy(&mut r, &mut w).await;
+        if echo {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        } else {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
     });
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front_addr = front.local_addr().unwrap();
-    let mut c = TcpStream::connect(front_addr).await.unwrap();
+    let c = TcpStream::connect(front_addr).await.unwrap();
     let (down, _) = front.accept().await.unwrap();
     let up = TcpStream::connect(addr).await.unwrap();
-    let idle = Duration::from_millis(300);
-    let forwarding =
-        tokio::spawn(splice_pipe(Leg::plain(down), Leg::plain(up), idle, CancellationToken::new()));
-    // A byte every 100 ms for a second: three idle deadlines' worth, never quiet for one.
-    let mut last = std::time::Instant::now();
-    for i in 0..10u8 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        c.write_all(&[i]).await.unwrap();
-        let mut b = [0u8; 1];
-        c.read_exact(&mut b).await.unwrap();
-        assert_eq!(b[0], i);
-        last = std::time::Instant::now();
+    (c, down, up)
+}
+
+#[tokio::test]
+async fn a_connection_that_keeps_moving_bytes_outlives_its_idle_deadline() {
+    for splice in [false, true] {
+        let (mut c, down, up) = legs(true).await;
+        let idle = Duration::from_millis(300);
+        let forwarding = tokio::spawn(forwarding(splice, down, up, idle, CancellationToken::new()));
+        // A byte every 100 ms for a second: three idle deadlines' worth, never quiet for one.
+        let mut last = std::time::Instant::now();
+        for i in 0..10u8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.write_all(&[i]).await.unwrap();
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).await.unwrap();
+            assert_eq!(b[0], i);
+            last = std::time::Instant::now();
+        }
+        let t = forwarding.await.unwrap();
+        assert_eq!(t.end, End::Idle, "splice={splice}");
+        assert_eq!((t.forward, t.backward), (10, 10), "splice={splice}");
+        // Then quiet: closed one deadline after the last byte (activity is kept in whole ms).
+        let quiet = last.elapsed();
+        assert!(
+            quiet >= idle - Duration::from_millis(20),
+            "splice={splice}: closed {quiet:?} after the last byte"
+        );
     }
-    let t = forwarding.await.unwrap();
-    assert_eq!(t.end, End::Idle);
-    assert_eq!((t.forward, t.backward), (10, 10));
-    // Then quiet: closed one deadline after the last byte (activity is kept in whole ms).
-    let quiet = last.elapsed();
-    assert!(quiet >= idle - Duration::from_millis(20), "closed {quiet:?} after the last byte");
 }
 
 #[tokio::test]
 async fn an_idle_connection_is_closed() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (_s, _) = l.accept().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    });
-    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let front_addr = front.local_addr().unwrap();
-    let _c = TcpStream::connect(front_addr).await.unwrap();
-    let (down, _) = front.accept().await.unwrap();
-    let up = TcpStream::connect(addr).await.unwrap();
-    let t =
-        splice_pipe(Leg::plain(down), Leg::plain(up), Duration::from_millis(200), CancellationToken::new())
-            .await;
-    assert_eq!(t.end, End::Idle);
+    for splice in [false, true] {
+        let (_c, down, up) = legs(false).await;
+        let t = forwarding(splice, down, up, Duration::from_millis(200), CancellationToken::new()).await;
+        assert_eq!(t.end, End::Idle, "splice={splice}");
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_connection_ends_at_once() {
+    for splice in [false, true] {
+        let (_c, down, up) = legs(false).await;
+        let cancel = CancellationToken::new();
+        let forwarding = tokio::spawn(forwarding(splice, down, up, Duration::from_secs(30), cancel.clone()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!forwarding.is_finished(), "splice={splice}: ended before it was cancelled");
+        cancel.cancel();
+        let t = tokio::time::timeout(Duration::from_secs(5), forwarding).await.unwrap().unwrap();
+        assert_eq!(t.end, End::Cancelled, "splice={splice}");
+    }
 }
