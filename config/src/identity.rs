@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// The longest SPIFFE ID the specification allows, in bytes.
 pub const MAX_ID_LEN: usize = 2048;
@@ -105,10 +106,12 @@ impl FromStr for TrustDomain {
 /// A SPIFFE ID: `spiffe://<trust-domain>[/<segment>...]`.
 ///
 /// Invariant: `raw` passed [`SpiffeId::parse`] and `raw[SCHEME.len()..path_start]` is the trust
-/// domain.
+/// domain. Shared (`Arc`): an identity is cloned into every request's report and compared with
+/// the label sets the request metrics keep, and a clone is then a count, not a copy, and equal
+/// clones compare by pointer first.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    raw: Box<str>,
+    raw: Arc<str>,
     path_start: usize,
 }
 
