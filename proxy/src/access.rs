@@ -1,7 +1,8 @@
 //! The access log: one `access` event per finished connection, the same fields in both
 //! directions (field names are an API: `src.addr`, `src.identity`, `dst.addr`, `dst.identity`,
 //! `port`, `direction`, `mtls`, `policy`, `decision`, `reason`, `detail`, `bytes_sent`,
-//! `bytes_recv`, `duration_ms`). `port` is the workload port policies name (inbound) or the
+//! `bytes_recv`, `duration_ms`), and one per HTTP request ([`RequestLine`]: the connection's
+//! ends, then the request's fields). `port` is the workload port policies name (inbound) or the
 //! destination port (outbound).
 
 use std::net::SocketAddr;
@@ -28,6 +29,18 @@ pub struct Access<'a> {
 }
 
 impl Access<'_> {
+    /// The fields every access line starts with, connection's or request's: who to whom, on
+    /// which port, with mutual TLS or not.
+    fn write_ends(&self, f: &mut LineFields<'_>) {
+        f.str("direction", self.direction.as_str());
+        f.str("src.addr", AddrText::new(self.src_addr).as_str());
+        f.str("src.identity", self.src_identity.map_or("-", SpiffeId::as_str));
+        f.str("dst.addr", AddrText::new(self.dst_addr).as_str());
+        f.str("dst.identity", self.dst_identity.map_or("-", SpiffeId::as_str));
+        f.u64("port", self.port.into());
+        f.bool("mtls", self.mtls);
+    }
+
     /// `sent` went to the downstream (the connection's initiator), `recv` came from it.
     pub fn log(&self, decision: &str, reason: &str, detail: &str, sent: u64, recv: u64) {
         let duration_ms = self.started.elapsed().as_millis() as u64;
@@ -72,15 +85,8 @@ struct ConnLine<'a> {
 
 impl Line for ConnLine<'_> {
     fn fields(&self, f: &mut LineFields<'_>) {
-        let a = self.access;
-        f.str("direction", a.direction.as_str());
-        f.str("src.addr", AddrText::new(a.src_addr).as_str());
-        f.str("src.identity", a.src_identity.map_or("-", SpiffeId::as_str));
-        f.str("dst.addr", AddrText::new(a.dst_addr).as_str());
-        f.str("dst.identity", a.dst_identity.map_or("-", SpiffeId::as_str));
-        f.u64("port", a.port.into());
-        f.bool("mtls", a.mtls);
-        f.str("policy", a.policy);
+        self.access.write_ends(f);
+        f.str("policy", self.access.policy);
         f.str("decision", self.decision);
         f.str("reason", self.reason);
         f.str("detail", self.detail);
@@ -113,16 +119,10 @@ impl Line for ConnLine<'_> {
 }
 
 /// One HTTP request's access line, as `http::Exchange::finish` reports it: the connection's
-/// fields and the request's (`protocol`, `method`, `path`, `authority`, `status`, `grpc_status`,
-/// `request_id`, `response_flags`).
+/// fields (`access`, whose `policy` is the request's) and the request's (`protocol`, `method`,
+/// `path`, `authority`, `status`, `grpc_status`, `request_id`, `response_flags`).
 pub struct RequestLine<'a> {
-    pub direction: Direction,
-    pub src_addr: SocketAddr,
-    pub src_identity: Option<&'a SpiffeId>,
-    pub dst_addr: SocketAddr,
-    pub dst_identity: Option<&'a SpiffeId>,
-    pub port: u16,
-    pub mtls: bool,
+    pub access: Access<'a>,
     pub protocol: &'a str,
     pub method: &'a str,
     pub path: &'a str,
@@ -130,7 +130,6 @@ pub struct RequestLine<'a> {
     pub status: u16,
     pub grpc_status: &'a str,
     pub request_id: &'a str,
-    pub policy: &'a str,
     pub decision: &'a str,
     pub reason: &'a str,
     pub response_flags: &'a str,
@@ -147,13 +146,7 @@ impl RequestLine<'_> {
 
 impl Line for RequestLine<'_> {
     fn fields(&self, f: &mut LineFields<'_>) {
-        f.str("direction", self.direction.as_str());
-        f.str("src.addr", AddrText::new(self.src_addr).as_str());
-        f.str("src.identity", self.src_identity.map_or("-", SpiffeId::as_str));
-        f.str("dst.addr", AddrText::new(self.dst_addr).as_str());
-        f.str("dst.identity", self.dst_identity.map_or("-", SpiffeId::as_str));
-        f.u64("port", self.port.into());
-        f.bool("mtls", self.mtls);
+        self.access.write_ends(f);
         f.str("protocol", self.protocol);
         f.str("method", self.method);
         f.str("path", self.path);
@@ -161,7 +154,7 @@ impl Line for RequestLine<'_> {
         f.u64("status", self.status.into());
         f.str("grpc_status", self.grpc_status);
         f.str("request_id", self.request_id);
-        f.str("policy", self.policy);
+        f.str("policy", self.access.policy);
         f.str("decision", self.decision);
         f.str("reason", self.reason);
         f.str("response_flags", self.response_flags);
@@ -171,15 +164,16 @@ impl Line for RequestLine<'_> {
     }
 
     fn event(&self) {
+        let a = &self.access;
         info!(
             target: ACCESS,
-            direction = self.direction.as_str(),
-            src.addr = AddrText::new(self.src_addr).as_str(),
-            src.identity = self.src_identity.map_or("-", SpiffeId::as_str),
-            dst.addr = AddrText::new(self.dst_addr).as_str(),
-            dst.identity = self.dst_identity.map_or("-", SpiffeId::as_str),
-            port = self.port,
-            mtls = self.mtls,
+            direction = a.direction.as_str(),
+            src.addr = AddrText::new(a.src_addr).as_str(),
+            src.identity = a.src_identity.map_or("-", SpiffeId::as_str),
+            dst.addr = AddrText::new(a.dst_addr).as_str(),
+            dst.identity = a.dst_identity.map_or("-", SpiffeId::as_str),
+            port = a.port,
+            mtls = a.mtls,
             protocol = self.protocol,
             method = self.method,
             path = self.path,
@@ -187,7 +181,7 @@ impl Line for RequestLine<'_> {
             status = self.status,
             grpc_status = self.grpc_status,
             request_id = self.request_id,
-            policy = self.policy,
+            policy = a.policy,
             decision = self.decision,
             reason = self.reason,
             response_flags = self.response_flags,
@@ -307,13 +301,17 @@ mod tests {
             duration_ms: 12,
         });
         same_bytes(&RequestLine {
-            direction: Direction::Outbound,
-            src_addr: ([127, 0, 0, 1], 5).into(),
-            src_identity: server.as_ref(),
-            dst_addr: v6,
-            dst_identity: client.as_ref(),
-            port: 65535,
-            mtls: false,
+            access: Access {
+                direction: Direction::Outbound,
+                src_addr: ([127, 0, 0, 1], 5).into(),
+                src_identity: server.as_ref(),
+                dst_addr: v6,
+                dst_identity: client.as_ref(),
+                port: 65535,
+                mtls: false,
+                policy: "-",
+                started: std::time::Instant::now(),
+            },
             protocol: "grpc",
             method: "POST",
             path: "/a\"b\\c\n",
@@ -321,7 +319,6 @@ mod tests {
             status: 503,
             grpc_status: "",
             request_id: "86218309-63bb-4b8a-8cd0-090627362bf8",
-            policy: "-",
             decision: "allow",
             reason: "upstream_reset",
             response_flags: "UR",

@@ -97,10 +97,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
         let this = self.project();
-        let (start, activity) = (this.watch.start, &this.watch.activity);
+        let activity = &this.watch.activity;
         let [forward, backward] = this.ways;
-        let x = forward.poll(cx, this.a, this.b, activity, start);
-        let y = backward.poll(cx, this.b, this.a, activity, start);
+        let x = forward.poll(cx, this.a, this.b, activity);
+        let y = backward.poll(cx, this.b, this.a, activity);
         let end = match (x, y) {
             (Poll::Ready(x), Poll::Ready(y)) => Some(if x && y { End::Done } else { End::Error }),
             _ => None,
@@ -117,9 +117,7 @@ pin_project_lite::pin_project! {
     /// What ends a forwarded connection besides its sides closing: the idle deadline over both
     /// directions (one timer, re-armed only when it fires early) and the cancellation.
     struct Watch {
-        start: Instant,
-        // When bytes last moved, milliseconds after `start` (stored by the directions).
-        activity: AtomicU64,
+        activity: Activity,
         idle: Duration,
         #[pin]
         deadline: tokio::time::Sleep,
@@ -132,8 +130,7 @@ impl Watch {
     fn new(idle: Duration, cancel: CancellationToken) -> Self {
         let start = Instant::now();
         Watch {
-            start,
-            activity: AtomicU64::new(0),
+            activity: Activity { start, at: AtomicU64::new(0) },
             idle,
             deadline: tokio::time::sleep_until(start + idle),
             cancelled: cancel.cancelled_owned(),
@@ -154,7 +151,7 @@ impl Watch {
             if this.deadline.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let until = quiet_until(*this.start, this.activity, *this.idle);
+            let until = this.activity.quiet_until(*this.idle);
             if Instant::now() >= until {
                 return Poll::Ready(End::Idle);
             }
@@ -163,10 +160,22 @@ impl Watch {
     }
 }
 
-/// When a connection whose bytes last moved at `activity` (milliseconds after `start`) reaches its
-/// idle deadline.
-fn quiet_until(start: Instant, activity: &AtomicU64, idle: Duration) -> Instant {
-    start + Duration::from_millis(activity.load(Ordering::Relaxed)) + idle
+/// When a connection's bytes last moved, stored by its directions as they move them.
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    at: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.at.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// When the connection reaches its idle deadline if nothing moves before.
+    fn quiet_until(&self, idle: Duration) -> Instant {
+        self.start + Duration::from_millis(self.at.load(Ordering::Relaxed)) + idle
+    }
 }
 
 /// How a direction's copying stopped.
@@ -204,21 +213,14 @@ impl CopyWay {
 
     /// Copies `r` to `w` until the end (then shuts `w` down, except after a failed write);
     /// ready with whether it ended without error.
-    fn poll<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        r: &mut R,
-        w: &mut W,
-        activity: &AtomicU64,
-        start: Instant,
-    ) -> Poll<bool>
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W, activity: &Activity) -> Poll<bool>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         loop {
             self.state = match self.state {
-                CopyState::Copying => match self.poll_copy(cx, r, w, activity, start) {
+                CopyState::Copying => match self.poll_copy(cx, r, w, activity) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Stop::Eof) => CopyState::Closing(true),
                     Poll::Ready(Stop::ReadFailed) => CopyState::Closing(false),
@@ -238,8 +240,7 @@ impl CopyWay {
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
-        activity: &AtomicU64,
-        start: Instant,
+        activity: &Activity,
     ) -> Poll<Stop>
     where
         R: AsyncRead + Unpin,
@@ -260,7 +261,7 @@ impl CopyWay {
                 }
                 self.unflushed = true;
                 self.moved += written;
-                activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                activity.touch();
             }
             let mut buf = take(self.large);
             let mut rb = ReadBuf::new(&mut buf);
@@ -370,7 +371,7 @@ impl Future for SplicePipe {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
         let this = self.project();
-        let done = match this.splice.poll(cx, &this.watch.activity, this.watch.start) {
+        let done = match this.splice.poll(cx, &this.watch.activity) {
             Poll::Ready((x, y)) => Some(if x && y { End::Done } else { End::Error }),
             Poll::Pending => None,
         };
@@ -420,11 +421,11 @@ impl Splice {
     }
 
     /// Ready when both directions are done, with whether each ended cleanly.
-    fn poll(&mut self, cx: &mut Context<'_>, activity: &AtomicU64, start: Instant) -> Poll<(bool, bool)> {
+    fn poll(&mut self, cx: &mut Context<'_>, activity: &Activity) -> Poll<(bool, bool)> {
         let [a, b] = &self.legs;
         let [forward, backward] = &mut self.ways;
-        let x = forward.poll(cx, a, b, activity, start);
-        let y = backward.poll(cx, b, a, activity, start);
+        let x = forward.poll(cx, a, b, activity);
+        let y = backward.poll(cx, b, a, activity);
         match (x, y) {
             (Poll::Ready(x), Poll::Ready(y)) => Poll::Ready((x, y)),
             _ => Poll::Pending,
@@ -440,14 +441,7 @@ impl Way {
 
     /// Moves bytes from `from` to `to` until the source would block (`Pending`, with `cx`'s
     /// waker in the socket's reader or writer slot) or the direction is done.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &Leg,
-        to: &Leg,
-        activity: &AtomicU64,
-        start: Instant,
-    ) -> Poll<bool> {
+    fn poll(&mut self, cx: &mut Context<'_>, from: &Leg, to: &Leg, activity: &Activity) -> Poll<bool> {
         use nix::fcntl::{SpliceFFlags, splice};
         use tokio::io::Interest;
         let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
@@ -469,7 +463,7 @@ impl Way {
                         continue;
                     }
                     let n = bytes.len();
-                    self.wrote(n, n, activity, start);
+                    self.wrote(n, n, activity);
                     self.after_write(to)
                 }
                 WayState::Reading => {
@@ -536,7 +530,7 @@ impl Way {
                     {
                         pipe.give_back();
                     }
-                    self.wrote(moved, 0, activity, start);
+                    self.wrote(moved, 0, activity);
                     self.after_write(to)
                 }
                 WayState::Closing { notify, ok } => {
@@ -565,10 +559,10 @@ impl Way {
 
     /// Counts `n` bytes delivered, `plain` of them written from user space (splices count their
     /// records as they go).
-    fn wrote(&mut self, n: usize, plain: usize, activity: &AtomicU64, start: Instant) {
+    fn wrote(&mut self, n: usize, plain: usize, activity: &Activity) {
         self.moved += n as u64;
         self.records += (plain as u64).div_ceil(RECORD);
-        activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.touch();
     }
 
     /// Reading again, unless a kernel-TLS destination has had all the records one key may seal

@@ -9,7 +9,8 @@
 //! builds measured (callgrind, bench/README.md). Strings that need no escaping are copied whole;
 //! the timestamp's date and time of day are formatted once per second. An event inside a span is
 //! handed to tracing-subscriber's formatter, which knows how to write span fields; keycard opens
-//! no spans.
+//! no spans. Access lines, one per HTTP request, skip tracing where this process logs JSON:
+//! [`json_event`] writes the same bytes without building an event.
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;

@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use keycard_config::SpiffeId;
 
 use self::body::{Body, BoxError, Outcome, Tracked};
-use crate::access::RequestLine;
+use crate::access::{Access, RequestLine};
 use crate::sidecar::{Direction, Shared};
 
 /// The executor hyper spawns its HTTP/2 tasks on (a served stream with its request's future, a
@@ -143,13 +143,17 @@ impl Exchange {
             c.response_bytes.observe(outcome.bytes as f64);
         });
         RequestLine {
-            direction: self.direction,
-            src_addr: self.src_addr,
-            src_identity: self.src_identity.as_ref(),
-            dst_addr: self.dst_addr,
-            dst_identity: self.dst_identity.as_ref(),
-            port: self.port,
-            mtls: self.mtls,
+            access: Access {
+                direction: self.direction,
+                src_addr: self.src_addr,
+                src_identity: self.src_identity.as_ref(),
+                dst_addr: self.dst_addr,
+                dst_identity: self.dst_identity.as_ref(),
+                port: self.port,
+                mtls: self.mtls,
+                policy: &self.policy,
+                started: self.started,
+            },
             protocol: self.protocol,
             method: &self.method,
             path: &self.path,
@@ -157,7 +161,6 @@ impl Exchange {
             status,
             grpc_status: grpc,
             request_id: &self.request_id,
-            policy: &self.policy,
             decision: verdict.decision,
             reason: verdict.reason,
             response_flags: flags,
