@@ -116,6 +116,21 @@ limits: {{drain_timeout: 3s, watch_interval: 1h}}
     assert_eq!(access["policy"], "none");
     assert!(!access.to_string().contains("secret"), "the query reached the log: {access}");
 
+    // The filter holds for access lines too (written without a tracing event in a JSON process):
+    // with `keycard::access` off, a request leaves no line; back on, the next one does.
+    let (code, _) = http_request(admin_addr, "POST", "/logging?level=info,keycard::access=off").await;
+    assert_eq!(code, 200);
+    assert_eq!(http_get(http_addr, "/quiet").await.unwrap().0, 200);
+    let (code, _) = http_request(admin_addr, "POST", "/logging?level=info").await;
+    assert_eq!(code, 200);
+    assert_eq!(http_get(http_addr, "/loud").await.unwrap().0, 200);
+    let mut quiet = false;
+    wait_line(&lines, |v| {
+        quiet |= v["path"] == "/quiet";
+        v["message"] == "access" && v["path"] == "/loud"
+    });
+    assert!(!quiet, "an access line was written while the filter had them off");
+
     // SIGHUP reloads (the file watch is off: watch_interval 1h). Now STRICT: plaintext refused.
     std::fs::write(policies.join("pa.yaml"), "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n").unwrap();
     signal(&proc.0, "-HUP");
@@ -160,7 +175,10 @@ limits: {{drain_timeout: 3s, watch_interval: 1h}}
     assert!(closed_within(&mut live, Duration::from_secs(2)).await, "the drain deadline closes what is left");
 }
 
-fn wait_line(lines: &mpsc::Receiver<String>, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn wait_line(
+    lines: &mpsc::Receiver<String>,
+    mut want: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
