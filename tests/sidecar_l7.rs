@@ -151,6 +151,14 @@ async fn the_app_gets_the_callers_identity_in_xfcc_a_request_id_and_untouched_tr
     // A caller's own request id is kept.
     let a = call(&h1_client(), mesh.outbound(), "GET", "/", &[("x-request-id", "abc-123")]).await;
     assert_eq!(field(&a.body, "x-request-id"), Some("abc-123"));
+    // The outbound sidecar keeps the request's path and query as sent, under its authority; a
+    // Host that is no authority is refused there.
+    let a = call(&h1_client(), mesh.outbound(), "GET", "/a%20b/c?q=1&r=%2F", &[]).await;
+    assert_eq!((a.status, field(&a.body, "target")), (200, Some("/a%20b/c?q=1&r=%2F")), "{}", a.body);
+    assert_eq!(field(&a.body, "host"), Some("details.default.svc.cluster.local"), "{}", a.body);
+    let a = call(&h1_client(), mesh.outbound(), "GET", "/", &[("host", "not an authority")]).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(a.body, "bad request target\n");
     mesh.shutdown().await;
 }
 

@@ -51,6 +51,24 @@ impl Access<'_> {
 /// The target of access events.
 const ACCESS: &str = "keycard::access";
 
+/// An `info` access event of the [`Access`] `$a` (its ends, as [`Access::write_ends`] writes
+/// them) followed by the line's own fields (`$rest`, its message last).
+macro_rules! access_event {
+    ($a:expr, $($rest:tt)*) => {
+        info!(
+            target: ACCESS,
+            direction = $a.direction.as_str(),
+            src.addr = AddrText::new($a.src_addr).as_str(),
+            src.identity = $a.src_identity.map_or("-", SpiffeId::as_str),
+            dst.addr = AddrText::new($a.dst_addr).as_str(),
+            dst.identity = $a.dst_identity.map_or("-", SpiffeId::as_str),
+            port = $a.port,
+            mtls = $a.mtls,
+            $($rest)*
+        )
+    };
+}
+
 /// An access line, written by either of two means that give the same bytes.
 trait Line {
     /// Its fields, for [`logging::json_event`].
@@ -96,17 +114,9 @@ impl Line for ConnLine<'_> {
     }
 
     fn event(&self) {
-        let a = self.access;
-        info!(
-            target: ACCESS,
-            direction = a.direction.as_str(),
-            src.addr = AddrText::new(a.src_addr).as_str(),
-            src.identity = a.src_identity.map_or("-", SpiffeId::as_str),
-            dst.addr = AddrText::new(a.dst_addr).as_str(),
-            dst.identity = a.dst_identity.map_or("-", SpiffeId::as_str),
-            port = a.port,
-            mtls = a.mtls,
-            policy = a.policy,
+        access_event!(
+            self.access,
+            policy = self.access.policy,
             decision = self.decision,
             reason = self.reason,
             detail = self.detail,
@@ -164,16 +174,8 @@ impl Line for RequestLine<'_> {
     }
 
     fn event(&self) {
-        let a = &self.access;
-        info!(
-            target: ACCESS,
-            direction = a.direction.as_str(),
-            src.addr = AddrText::new(a.src_addr).as_str(),
-            src.identity = a.src_identity.map_or("-", SpiffeId::as_str),
-            dst.addr = AddrText::new(a.dst_addr).as_str(),
-            dst.identity = a.dst_identity.map_or("-", SpiffeId::as_str),
-            port = a.port,
-            mtls = a.mtls,
+        access_event!(
+            self.access,
             protocol = self.protocol,
             method = self.method,
             path = self.path,
@@ -181,7 +183,7 @@ impl Line for RequestLine<'_> {
             status = self.status,
             grpc_status = self.grpc_status,
             request_id = self.request_id,
-            policy = a.policy,
+            policy = self.access.policy,
             decision = self.decision,
             reason = self.reason,
             response_flags = self.response_flags,

@@ -101,11 +101,7 @@ where
         let [forward, backward] = this.ways;
         let x = forward.poll(cx, this.a, this.b, activity);
         let y = backward.poll(cx, this.b, this.a, activity);
-        let end = match (x, y) {
-            (Poll::Ready(x), Poll::Ready(y)) => Some(if x && y { End::Done } else { End::Error }),
-            _ => None,
-        };
-        this.watch.poll_end(cx, end).map(|end| Totals {
+        this.watch.poll_end(cx, both(x, y)).map(|end| Totals {
             forward: forward.moved,
             backward: backward.moved,
             end,
@@ -137,11 +133,11 @@ impl Watch {
         }
     }
 
-    /// `done`: how the directions ended, if both have. Else whether the cancellation or the idle
-    /// deadline ends the connection now.
-    fn poll_end(self: Pin<&mut Self>, cx: &mut Context<'_>, done: Option<End>) -> Poll<End> {
-        if let Some(end) = done {
-            return Poll::Ready(end);
+    /// `done`: whether each direction ended cleanly, once both have. Until then, whether the
+    /// cancellation or the idle deadline ends the connection now.
+    fn poll_end(self: Pin<&mut Self>, cx: &mut Context<'_>, done: Poll<(bool, bool)>) -> Poll<End> {
+        if let Poll::Ready((x, y)) = done {
+            return Poll::Ready(if x && y { End::Done } else { End::Error });
         }
         let mut this = self.project();
         if this.cancelled.poll(cx).is_ready() {
@@ -157,6 +153,14 @@ impl Watch {
             }
             this.deadline.as_mut().reset(until);
         }
+    }
+}
+
+/// Ready once both directions are, with whether each ended cleanly.
+fn both(x: Poll<bool>, y: Poll<bool>) -> Poll<(bool, bool)> {
+    match (x, y) {
+        (Poll::Ready(x), Poll::Ready(y)) => Poll::Ready((x, y)),
+        _ => Poll::Pending,
     }
 }
 
@@ -371,10 +375,7 @@ impl Future for SplicePipe {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Totals> {
         let this = self.project();
-        let done = match this.splice.poll(cx, &this.watch.activity) {
-            Poll::Ready((x, y)) => Some(if x && y { End::Done } else { End::Error }),
-            Poll::Pending => None,
-        };
+        let done = this.splice.poll(cx, &this.watch.activity);
         let [forward, backward] = &this.splice.ways;
         this.watch.poll_end(cx, done).map(|end| Totals {
             forward: forward.moved,
@@ -424,12 +425,7 @@ impl Splice {
     fn poll(&mut self, cx: &mut Context<'_>, activity: &Activity) -> Poll<(bool, bool)> {
         let [a, b] = &self.legs;
         let [forward, backward] = &mut self.ways;
-        let x = forward.poll(cx, a, b, activity);
-        let y = backward.poll(cx, b, a, activity);
-        match (x, y) {
-            (Poll::Ready(x), Poll::Ready(y)) => Poll::Ready((x, y)),
-            _ => Poll::Pending,
-        }
+        both(forward.poll(cx, a, b, activity), backward.poll(cx, b, a, activity))
     }
 }
 

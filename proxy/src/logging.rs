@@ -191,18 +191,24 @@ where
         if event.parent().is_some() || ctx.lookup_current().is_some() {
             return self.in_span.format_event(ctx, writer, event);
         }
-        let mut line = LINE.take();
-        line.clear();
-        let written = write_line(&mut line, event);
-        let result = match (written, std::str::from_utf8(&line)) {
+        with_line(|line| match (write_line(line, event), std::str::from_utf8(line)) {
             (Ok(()), Ok(text)) => writer.write_str(text),
             _ => Err(fmt::Error),
-        };
-        if line.capacity() <= KEEP_BUFFER {
-            LINE.set(line);
-        }
-        result
+        })
     }
+}
+
+/// Runs `build` on this thread's line buffer, emptied (a fresh one if it is in use: an event
+/// logged while another is formatted), and keeps the buffer for the next line unless it grew past
+/// `KEEP_BUFFER`.
+fn with_line<R>(build: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut line = LINE.take();
+    line.clear();
+    let result = build(&mut line);
+    if line.capacity() <= KEEP_BUFFER {
+        LINE.set(line);
+    }
+    result
 }
 
 fn write_line(line: &mut Vec<u8>, event: &Event<'_>) -> Result<(), fmt::Error> {
@@ -295,14 +301,11 @@ pub fn json_event(
     message: &str,
     fields: impl FnOnce(&mut LineFields<'_>),
 ) {
-    let mut line = LINE.take();
-    line.clear();
-    if json_event_into(&mut line, level, target, message, fields).is_ok() {
-        let _ = write_line_to(&line, &mut io::stderr());
-    }
-    if line.capacity() <= KEEP_BUFFER {
-        LINE.set(line);
-    }
+    with_line(|line| {
+        if json_event_into(line, level, target, message, fields).is_ok() {
+            let _ = write_line_to(line, &mut io::stderr());
+        }
+    });
 }
 
 pub(crate) fn json_event_into(
