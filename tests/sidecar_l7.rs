@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::l7::*;
 use common::mesh::*;
-use keycard_config::sidecar::Protocol;
+use keycard_config::sidecar::{HttpSettings, Protocol};
 
 const STRICT_MESH: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\n";
 
@@ -194,10 +194,11 @@ async fn plaintext_callers_on_a_permissive_port_cannot_forge_xfcc() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_share_one_pooled_mtls_connection_and_keep_their_protocol() {
+async fn with_h2_upgrade_requests_share_one_pooled_mtls_connection_and_keep_their_protocol() {
     let pki = Pki::new();
-    let mesh =
-        L7Mesh::start(&pki, STRICT_MESH.trim_end_matches("---\n"), Protocol::Auto, Protocol::Http).await;
+    let http = HttpSettings { h2_upgrade: true, ..HttpSettings::default() };
+    let policy = STRICT_MESH.trim_end_matches("---\n");
+    let mesh = L7Mesh::custom(&pki, policy, Protocol::Auto, Protocol::Http, inspect_app().await, http).await;
     let out = mesh.outbound();
     let h1 = h1_client();
     for i in 0..30 {
@@ -231,6 +232,11 @@ async fn requests_share_one_pooled_mtls_connection_and_keep_their_protocol() {
     let client = mesh.client.metrics();
     assert_eq!(metric_sum(&client, "keycard_upstream_connections_opened_total", &[]), 1.0, "{client}");
     assert_eq!(
+        metric_sum(&client, "keycard_upstream_connections_opened_total", &["protocol=\"h2\""]),
+        1.0,
+        "{client}"
+    );
+    assert_eq!(
         metric_sum(
             &client,
             "istio_requests_total",
@@ -262,6 +268,69 @@ async fn requests_share_one_pooled_mtls_connection_and_keep_their_protocol() {
         metric_sum(&server, "istio_request_bytes_sum", &["reporter=\"destination\""]) >= (8 << 20) as f64,
         "{server}"
     );
+    mesh.shutdown().await;
+}
+
+/// Istio's default (`h2UpgradePolicy: DO_NOT_UPGRADE`): HTTP/1.1 requests travel as HTTP/1.1, each
+/// on a pooled mutual-TLS connection lent to it alone and kept for the next; HTTP/2 ones share an
+/// HTTP/2 connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_requests_ride_pooled_http1_connections_and_http2_ones_share_one() {
+    let pki = Pki::new();
+    let mesh =
+        L7Mesh::start(&pki, STRICT_MESH.trim_end_matches("---\n"), Protocol::Auto, Protocol::Http).await;
+    let out = mesh.outbound();
+    let h1 = h1_client();
+    let opened = |proto: &str| {
+        let m = mesh.client.metrics();
+        metric_sum(&m, "keycard_upstream_connections_opened_total", &[&format!("protocol=\"{proto}\"")])
+    };
+    for i in 0..30 {
+        let a = call(&h1, out, "GET", &format!("/seq/{i}?q={i}"), &[]).await;
+        assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/1.1")), "{}", a.body);
+        assert_eq!(field(&a.body, "target"), Some(format!("/seq/{i}?q={i}").as_str()), "{}", a.body);
+        assert_eq!(field(&a.body, "host"), Some("details.default.svc.cluster.local"), "{}", a.body);
+    }
+    assert_eq!(opened("http/1.1"), 1.0, "one after another, the requests reuse one connection");
+    // Ten requests in flight at once (the app answers each after 3 s) need ten connections: the
+    // idle one and nine more...
+    let slow: Vec<_> = (0..10)
+        .map(|_| {
+            let h1 = h1.clone();
+            tokio::spawn(async move { call(&h1, out, "GET", "/slow", &[]).await.status })
+        })
+        .collect();
+    for t in slow {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let after_burst = opened("http/1.1");
+    assert_eq!(after_burst, 10.0);
+    // ...which then carry the next ones: no new connection.
+    for i in 0..20 {
+        assert_eq!(call(&h1, out, "GET", &format!("/again/{i}"), &[]).await.status, 200);
+    }
+    assert_eq!(opened("http/1.1"), after_burst);
+    let h2 = h2c_client();
+    for i in 0..20 {
+        let a = call(&h2, out, "GET", &format!("/h2/{i}"), &[]).await;
+        assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/2.0")), "{}", a.body);
+    }
+    assert_eq!(opened("h2"), 1.0);
+    let server = mesh.server.metrics();
+    let client = mesh.client.metrics();
+    assert_eq!(
+        metric_sum(&server, "keycard_http_connections_total", &["direction=\"inbound\""]),
+        after_burst + 1.0,
+        "{server}"
+    );
+    for (m, reporter) in [(&client, "source"), (&server, "destination")] {
+        let labels = [
+            &format!("reporter=\"{reporter}\"") as &str,
+            "response_code=\"200\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ];
+        assert_eq!(metric_sum(m, "istio_requests_total", &labels), 80.0, "{m}");
+    }
     mesh.shutdown().await;
 }
 
@@ -687,10 +756,7 @@ async fn a_smuggling_attempt_gets_one_400_and_the_connection_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_deadline_gets_504_and_others_are_unaffected() {
     let pki = Pki::new();
-    let http = keycard_config::sidecar::HttpSettings {
-        request_timeout: Duration::from_millis(500),
-        ..Default::default()
-    };
+    let http = HttpSettings { request_timeout: Duration::from_millis(500), ..Default::default() };
     let mesh = L7Mesh::custom(&pki, "", Protocol::Http, Protocol::Http, inspect_app().await, http).await;
     let c = h1_client();
     let a = call(&c, mesh.outbound(), "GET", "/slow", &[]).await;

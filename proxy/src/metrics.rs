@@ -82,8 +82,9 @@ pub struct ProxyMetrics {
     /// `keycard_protocol_detect_timeouts_total{direction}`: `auto` ports where nothing told
     /// HTTP from TCP in time (treated as TCP).
     pub detect_timeouts: IntCounterVec,
-    /// `keycard_upstream_connections_opened_total{upstream}`: pooled mutual-TLS HTTP/2
-    /// connections opened to a remote sidecar (requests share them).
+    /// `keycard_upstream_connections_opened_total{upstream,protocol}`: pooled mutual-TLS
+    /// connections opened to a remote sidecar, `h2` (requests share them) or `http/1.1` (one
+    /// request at a time each).
     pub pool_opened: IntCounterVec,
     /// `keycard_http_connections_total{direction}`: downstream connections served as HTTP.
     pub http_connections: IntCounterVec,
@@ -130,8 +131,8 @@ impl ProxyMetrics {
             )?,
             pool_opened: counter(
                 "keycard_upstream_connections_opened_total",
-                "Pooled mutual-TLS HTTP/2 connections opened to remote sidecars",
-                &["upstream"],
+                "Pooled mutual-TLS connections opened to remote sidecars, by protocol (h2, http/1.1)",
+                &["upstream", "protocol"],
             )?,
             tls_offload: counter(
                 "keycard_tls_offload_total",

@@ -207,6 +207,8 @@ pub enum DialError {
     HandshakeTimeout,
     #[error("HTTP/2 handshake failed: {0}")]
     Http2(hyper::Error),
+    #[error("HTTP/1.1 handshake failed: {0}")]
+    Http1(hyper::Error),
 }
 
 impl DialError {
@@ -219,6 +221,7 @@ impl DialError {
             Self::Handshake { reason, .. } => reason,
             Self::HandshakeTimeout => "timeout",
             Self::Http2(_) => "http2_handshake",
+            Self::Http1(_) => "http1_handshake",
         }
     }
 }

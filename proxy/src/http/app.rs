@@ -8,21 +8,18 @@
 //! instructions of an L7 sidecar's 107,000 (callgrind, bench/README.md).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{TrySendError, http1, http2};
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::Body;
+use super::idle::{self, Idle, SendError};
 use crate::forward::{self, ConnectError};
-
-/// Idle HTTP/1.1 connections kept per app port, at most.
-const MAX_IDLE: usize = 256;
 
 /// Why a request did not reach the app or got no response.
 #[derive(Debug, thiserror::Error)]
@@ -40,69 +37,41 @@ impl AppError {
     }
 }
 
-pub struct AppPool {
-    addr: SocketAddr,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    idle: Arc<Mutex<Vec<Idle>>>,
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
-    h2_connecting: tokio::sync::Mutex<()>,
-    /// Whether the task closing long-idle connections runs (started with the first lease).
-    reaper: AtomicBool,
-}
-
-struct Idle {
-    send: http1::SendRequest<Body>,
-    since: Instant,
-}
-
-/// An HTTP/1.1 connection lent to one request: back among the idle ones when dropped (after the
-/// response body), unless it closed or was upgraded.
-pub struct Lease {
-    send: Option<http1::SendRequest<Body>>,
-    idle: Weak<Mutex<Vec<Idle>>>,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let (Some(send), Some(idle)) = (self.send.take(), self.idle.upgrade()) else { return };
-        if send.is_closed() {
-            return;
-        }
-        let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle { send, since: Instant::now() });
+impl From<SendError<AppError>> for AppError {
+    fn from(e: SendError<AppError>) -> Self {
+        match e {
+            SendError::Connect(e) => e,
+            SendError::Http(e) => AppError::Http(e),
         }
     }
 }
+
+pub struct AppPool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    h1: Arc<Idle<()>>,
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+/// An HTTP/1.1 connection lent to one request (see `http::idle`).
+pub type Lease = idle::Lease<()>;
 
 impl AppPool {
     pub fn new(addr: SocketAddr, connect_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
         Arc::new(AppPool {
             addr,
             connect_timeout,
-            idle_timeout,
-            idle: Arc::default(),
+            h1: Idle::new(idle_timeout),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
-            reaper: AtomicBool::new(false),
         })
     }
 
     /// Sends `req` over HTTP/1.1; the lease goes with the response body.
-    pub async fn send_h1(
-        self: &Arc<Self>,
-        mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Lease), AppError> {
-        while let Some(mut send) = self.take_idle() {
-            match send.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.lease(send))),
-                Err(e) => req = not_taken(e)?,
-            }
-        }
-        let mut send = self.connect_h1().await?;
-        let resp = send.send_request(req).await?;
-        Ok((resp, self.lease(send)))
+    pub async fn send_h1(&self, req: Request<Body>) -> Result<(Response<Incoming>, Lease), AppError> {
+        let connect = || async { Ok((self.connect_h1().await?, ())) };
+        Ok(self.h1.send(req, |()| true, connect).await?)
     }
 
     /// Sends `req` over the port's HTTP/2 connection (made when there is none).
@@ -111,27 +80,11 @@ impl AppPool {
         if let Some(mut send) = current.filter(|s| !s.is_closed()) {
             match send.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
-                Err(e) => req = not_taken(e)?,
+                Err(e) => req = idle::not_taken(e)?,
             }
         }
         let mut send = self.connect_h2().await?;
         Ok(send.send_request(req).await?)
-    }
-
-    fn lease(self: &Arc<Self>, send: http1::SendRequest<Body>) -> Lease {
-        self.start_reaper();
-        Lease { send: Some(send), idle: Arc::downgrade(&self.idle) }
-    }
-
-    /// The most recently used idle connection ready for a request, dropping closed and expired
-    /// ones. One still busy (the app answered before the request body ended, which is still
-    /// uploading) stays for later: a request never waits behind another.
-    fn take_idle(&self) -> Option<http1::SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        idle.retain(|c| !c.send.is_closed() && now.duration_since(c.since) < self.idle_timeout);
-        let ready = idle.iter().rposition(|c| c.send.is_ready())?;
-        Some(idle.remove(ready).send)
     }
 
     async fn connect(&self) -> Result<TokioIo<TcpStream>, AppError> {
@@ -167,34 +120,6 @@ impl AppPool {
         *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(send.clone());
         Ok(send)
     }
-
-    /// Closes connections idle for longer than the idle timeout, every third of it, for as long as
-    /// the pool exists.
-    fn start_reaper(self: &Arc<Self>) {
-        if self.reaper.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let (pool, every) = (Arc::downgrade(self), (self.idle_timeout / 3).max(Duration::from_millis(10)));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(pool) = pool.upgrade() else { return };
-                let now = Instant::now();
-                let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                idle.retain(|c| !c.send.is_closed() && now.duration_since(c.since) < pool.idle_timeout);
-            }
-        });
-    }
-}
-
-/// The request back from a connection that closed before taking it, or the error it failed with.
-fn not_taken(mut e: TrySendError<Request<Body>>) -> Result<Request<Body>, AppError> {
-    match e.take_message() {
-        Some(req) => Ok(req),
-        None => Err(AppError::Http(e.into_error())),
-    }
 }
 
 #[cfg(test)]
@@ -204,6 +129,8 @@ mod tests {
     use http_body_util::BodyExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
+
+    use std::time::Instant;
 
     use super::*;
     use crate::http::body;

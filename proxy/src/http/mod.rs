@@ -1,14 +1,16 @@
 //! L7: HTTP/1.1, HTTP/2 and gRPC through the sidecar. Inbound, hyper serves the decrypted stream
 //! and every request is authenticated (JWT), authorized and forwarded to the app over pooled
 //! connections in the protocol it expects; outbound, the app's requests travel to the remote
-//! sidecar over a pool of mutual-TLS HTTP/2 connections. WebSocket-style upgrades get a
-//! dedicated mutual-TLS HTTP/1.1 connection and are bridged as bytes once switched.
+//! sidecar over pooled mutual-TLS connections (HTTP/1.1 as HTTP/1.1, HTTP/2 multiplexed).
+//! WebSocket-style upgrades get a dedicated mutual-TLS HTTP/1.1 connection and are bridged as
+//! bytes once switched.
 
 pub mod app;
 pub mod authn;
 pub mod body;
 pub mod guard;
 pub mod headers;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;

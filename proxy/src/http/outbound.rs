@@ -1,5 +1,6 @@
-//! Outbound HTTP: the app's HTTP/1.1 or h2c requests, carried to the remote sidecar over the
-//! pooled mutual-TLS HTTP/2 connections (upgrades over a dedicated HTTP/1.1 one).
+//! Outbound HTTP: the app's HTTP/1.1 or h2c requests, carried to the remote sidecar over pooled
+//! mutual-TLS connections (`http::pool`: HTTP/1.1 as HTTP/1.1, HTTP/2 multiplexed; upgrades over a
+//! dedicated HTTP/1.1 connection).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 
 use super::body::{self, Body, Counted};
 use super::headers::{self, DOWNSTREAM_PROTOCOL, XFCC};
+use super::idle::SendError;
 use super::pool::{ALPN_H1, Pool};
 use super::{Exchange, RequestMetrics, Verdict, bridge, local, respond, smuggling_counter};
 use crate::outbound::{ConfigCache, DialError, Route, dial};
@@ -100,15 +102,49 @@ impl OutboundHttp {
         if let Some(on_upgrade) = on_upgrade {
             return self.upgrade(Request::from_parts(parts, body), on_upgrade, ex, &route, &authority).await;
         }
-        parts.version = Version::HTTP_2;
-        parts.headers.remove(header::HOST);
-        let lease = match self.pool.lease(shared, &route).await {
-            Ok(l) => l,
-            Err(e) => return unavailable(shared, ex, &e),
+        if downstream_version == Version::HTTP_2 || shared.http.h2_upgrade {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+            let lease = match self.pool.lease(shared, &route).await {
+                Ok(l) => l,
+                Err(e) => return unavailable(shared, ex, &e),
+            };
+            ex.dst_identity = lease.peer().cloned();
+            let sent = lease.send(Request::from_parts(parts, body));
+            let result = super::within(shared.http.request_timeout, sent).await;
+            return self.answer(ex, downstream_version, result.map(|r| r.map(|resp| (resp, lease))));
+        }
+        // HTTP/1.1 as the app sent it: the authority in `Host`, only the path on the request line.
+        match HeaderValue::from_str(&authority) {
+            Ok(host) => parts.headers.insert(header::HOST, host),
+            Err(_) => return local(shared, ex, StatusCode::BAD_REQUEST, "bad request target\n", BAD, &[]),
         };
-        ex.dst_identity = lease.peer().cloned();
-        let sent = lease.send(Request::from_parts(parts, body));
-        let Some(result) = super::within(shared.http.request_timeout, sent).await else {
+        parts.uri =
+            parts.uri.path_and_query().cloned().map(Uri::from).unwrap_or_else(|| Uri::from_static("/"));
+        parts.version = Version::HTTP_11;
+        let sent = self.pool.send_h1(shared, &route, Request::from_parts(parts, body));
+        let result = match super::within(shared.http.request_timeout, sent).await {
+            Some(Err(SendError::Connect(e))) => return unavailable(shared, ex, &e),
+            Some(Ok((resp, lease))) => {
+                ex.dst_identity = lease.meta().and_then(|c| c.peer.clone());
+                Some(Ok((resp, lease)))
+            }
+            Some(Err(SendError::Http(e))) => Some(Err(e)),
+            None => None,
+        };
+        self.answer(ex, downstream_version, result)
+    }
+
+    /// The response to the app: the remote's (its lease kept until its body ends), a 504 past the
+    /// request deadline (`None`), or a 503 where the request failed on its connection.
+    fn answer(
+        &self,
+        ex: Exchange,
+        downstream_version: Version,
+        result: Option<Result<(Response<Incoming>, impl Send + 'static), hyper::Error>>,
+    ) -> Response<Body> {
+        let shared = &self.shared;
+        let Some(result) = result else {
             return local(
                 shared,
                 ex,
@@ -119,7 +155,7 @@ impl OutboundHttp {
             );
         };
         match result {
-            Ok(mut resp) => {
+            Ok((mut resp, lease)) => {
                 headers::strip_hop_by_hop(resp.headers_mut(), false);
                 *resp.version_mut() = downstream_version;
                 respond(shared, ex, Verdict::FORWARDED, resp, lease)

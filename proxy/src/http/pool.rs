@@ -1,26 +1,46 @@
-//! The pool of mutual-TLS HTTP/2 connections from this sidecar to one remote sidecar. Requests
-//! share connections (no handshake per request); a connection carrying
-//! `pool_streams_per_connection` requests makes the pool open another, up to
-//! `pool_max_connections`. Connections made for other expected identities (a policy reload
-//! changed them) are not reused; closed ones are dropped.
+//! The pools of mutual-TLS connections from this sidecar to one remote sidecar: no handshake per
+//! request. HTTP/2 requests (and every request where `http.h2_upgrade` is set) share HTTP/2
+//! connections; a connection carrying `pool_streams_per_connection` requests makes the pool open
+//! another, up to `pool_max_connections`. HTTP/1.1 requests travel as HTTP/1.1, as Istio's
+//! sidecars carry them by default (`h2UpgradePolicy: DO_NOT_UPGRADE`), each on a connection lent
+//! to it alone (`http::idle`): no HTTP/2 framing, header compression and stream bookkeeping on
+//! either sidecar. Connections made for other expected identities (a policy reload changed them)
+//! are not reused; closed ones are dropped.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use keycard_config::SpiffeId;
 
 use super::body::Body;
+use super::idle::{self, Idle, SendError};
 use crate::outbound::{ConfigCache, DialError, Route, dial};
 use crate::sidecar::Shared;
 
 /// ALPN of pooled connections: the inbound sidecar serves HTTP/2 on them without sniffing.
 pub const ALPN_H2: &[u8] = b"istio-h2";
-/// ALPN of a dedicated connection for an HTTP/1.1 upgrade (WebSocket).
+/// ALPN of pooled HTTP/1.1 connections, and of a dedicated one for an upgrade (WebSocket).
 pub const ALPN_H1: &[u8] = b"istio-http/1.1";
+
+/// A pooled HTTP/1.1 connection waits at most this long for its next request (the inbound
+/// sidecar's own idle deadline is an hour by default).
+const H1_IDLE: Duration = Duration::from_secs(90);
+
+/// What the pool knows of an HTTP/1.1 connection.
+pub struct H1Conn {
+    /// The remote sidecar's verified identity.
+    pub peer: Option<SpiffeId>,
+    expected: Vec<SpiffeId>,
+}
+
+/// An HTTP/1.1 connection lent to one request; back to the pool with the response body.
+pub type H1Lease = idle::Lease<H1Conn>;
 
 struct Conn {
     send: http2::SendRequest<Body>,
@@ -59,6 +79,8 @@ pub struct Pool {
     conns: Mutex<Vec<Arc<Conn>>>,
     connecting: tokio::sync::Mutex<()>,
     tls: ConfigCache,
+    h1: Arc<Idle<H1Conn>>,
+    h1_tls: ConfigCache,
 }
 
 impl Pool {
@@ -71,7 +93,41 @@ impl Pool {
             conns: Mutex::new(Vec::new()),
             connecting: tokio::sync::Mutex::new(()),
             tls: ConfigCache::new(ALPN_H2),
+            h1: Idle::new(H1_IDLE),
+            h1_tls: ConfigCache::new(ALPN_H1),
         }
+    }
+
+    /// Sends an HTTP/1.1 request on a connection of its own, reused from an earlier request where
+    /// one made for the route's identities waits idle.
+    pub async fn send_h1(
+        &self,
+        shared: &Shared,
+        route: &Route,
+        req: http::Request<Body>,
+    ) -> Result<(http::Response<Incoming>, H1Lease), SendError<DialError>> {
+        let fits = |c: &H1Conn| c.expected == route.expected;
+        self.h1.send(req, fits, || self.open_h1(shared, route)).await
+    }
+
+    async fn open_h1(
+        &self,
+        shared: &Shared,
+        route: &Route,
+    ) -> Result<(http1::SendRequest<Body>, H1Conn), DialError> {
+        let (stream, peer) = dial(shared, self.remote, route, &self.h1_tls).await?;
+        let (send, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(DialError::Http1)?;
+        shared.metrics.pool_opened.with_label_values(&[&self.label, "http/1.1"]).inc();
+        let kill = shared.drain.clone();
+        // Ends when the remote closes, the pool lets it go (idle too long, or dropped), or the
+        // drain deadline passes.
+        shared.tracker.spawn(async move {
+            tokio::select! {
+                r = conn => if let Err(e) = r { tracing::debug!(error = %e, "pooled connection ended") },
+                () = kill.cancelled() => {}
+            }
+        });
+        Ok((send, H1Conn { peer, expected: route.expected.clone() }))
     }
 
     /// A slot on a live connection, opening one when every connection is busy (or none is up).
@@ -119,7 +175,7 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(DialError::Http2)?;
-        shared.metrics.pool_opened.with_label_values(&[&self.label]).inc();
+        shared.metrics.pool_opened.with_label_values(&[&self.label, "h2"]).inc();
         let kill = shared.drain.clone();
         // Ends when the remote closes, every handle is dropped (pool gone, requests done), or
         // the drain deadline passes.
