@@ -199,7 +199,7 @@ async fn set_up(
     // This hop's XFCC element, for HTTP ports only (made once per connection, not per request).
     let xfcc = principal.as_ref().filter(|_| http).and_then(|p| {
         let leaf = conn.peer_certificates()?.first()?;
-        Some(xfcc_element(&shared.id, leaf.as_ref(), p))
+        http::HeaderValue::from_str(&xfcc_element(&shared.id, leaf.as_ref(), p)).ok()
     });
     if http {
         let is_http = match port.protocol() {

@@ -145,19 +145,26 @@ pub fn xfcc_element(us: &SpiffeId, peer_leaf: &[u8], peer: &SpiffeId) -> String 
 }
 
 /// Sets XFCC for the app: appended to what a mutual-TLS mesh hop sent (Envoy's APPEND_FORWARD),
-/// removed for anyone else (an app cannot assert a client certificate).
-pub fn set_xfcc(h: &mut HeaderMap, element: Option<&str>) {
+/// removed for anyone else (an app cannot assert a client certificate). `element` is made once per
+/// connection; a request that brings no XFCC of its own (the usual case) gets it as it is, with no
+/// header value to build and check.
+pub fn set_xfcc(h: &mut HeaderMap, element: Option<&HeaderValue>) {
     let Some(element) = element else {
         h.remove(XFCC);
         return;
     };
+    if !h.contains_key(XFCC) {
+        h.insert(XFCC, element.clone());
+        return;
+    }
+    let element = String::from_utf8_lossy(element.as_bytes());
     let previous: Vec<String> =
         h.get_all(XFCC).iter().filter_map(|v| v.to_str().ok()).map(str::to_owned).collect();
     let mut value = previous.join(",");
     if !value.is_empty() {
         value.push(',');
     }
-    value.push_str(element);
+    value.push_str(&element);
     h.remove(XFCC);
     if let Ok(v) = HeaderValue::from_str(&value) {
         h.insert(XFCC, v);
@@ -241,10 +248,15 @@ mod tests {
                  URI=spiffe://cluster.local/ns/default/sa/productpage"
             )
         );
+        let element = HeaderValue::from_str(&e).unwrap();
         let mut h = HeaderMap::new();
+        set_xfcc(&mut h, Some(&element));
+        assert_eq!(h[XFCC].to_str().unwrap(), e);
         h.insert(XFCC, HeaderValue::from_static("By=a;URI=b"));
-        set_xfcc(&mut h, Some(&e));
-        assert_eq!(h[XFCC].to_str().unwrap(), format!("By=a;URI=b,{e}"));
+        h.append(XFCC, HeaderValue::from_static("By=c;URI=d"));
+        set_xfcc(&mut h, Some(&element));
+        assert_eq!(h[XFCC].to_str().unwrap(), format!("By=a;URI=b,By=c;URI=d,{e}"));
+        assert_eq!(h.get_all(XFCC).iter().count(), 1);
         set_xfcc(&mut h, None);
         assert!(h.get(XFCC).is_none());
     }

@@ -31,7 +31,7 @@ pub struct Peer {
     /// The verified SPIFFE ID of a mutual-TLS peer.
     pub identity: Option<SpiffeId>,
     /// This hop's XFCC element (mutual-TLS peers only).
-    pub xfcc: Option<String>,
+    pub xfcc: Option<http::HeaderValue>,
     pub sni: Option<String>,
 }
 
@@ -170,7 +170,7 @@ impl InboundHttp {
         };
         let downstream_version = parts.version;
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        headers::set_xfcc(&mut parts.headers, peer.xfcc.as_deref());
+        headers::set_xfcc(&mut parts.headers, peer.xfcc.as_ref());
         let target = match parts.uri.query() {
             Some(q) => format!("{path}?{q}"),
             None => path,
