@@ -108,11 +108,25 @@ impl FromStr for TrustDomain {
 /// Invariant: `raw` passed [`SpiffeId::parse`] and `raw[SCHEME.len()..path_start]` is the trust
 /// domain. Shared (`Arc`): an identity is cloned into every request's report and compared with
 /// the label sets the request metrics keep, and a clone is then a count, not a copy, and equal
-/// clones compare by pointer first.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// clones compare by pointer first (`PartialEq` below: `Arc`'s own shortcut needs a sized `T`, so
+/// `Arc<str>` compares the text every time).
+#[derive(Debug, Clone, Eq, PartialOrd, Ord)]
 pub struct SpiffeId {
     raw: Arc<str>,
     path_start: usize,
+}
+
+impl PartialEq for SpiffeId {
+    fn eq(&self, other: &Self) -> bool {
+        // `path_start` follows from `raw`.
+        Arc::ptr_eq(&self.raw, &other.raw) || self.raw == other.raw
+    }
+}
+
+impl std::hash::Hash for SpiffeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.raw.hash(state);
+    }
 }
 
 /// The Kubernetes form of an identity, `ns/<namespace>/sa/<service-account>`.

@@ -111,3 +111,21 @@ fn from_k8s_builds_and_validates() {
         assert!(matches!(SpiffeId::from_k8s(&td, ns, sa), Err(IdError::BadK8sName { .. })), "{ns:?} {sa:?}");
     }
 }
+
+#[test]
+fn identities_are_equal_by_their_text_whether_shared_or_parsed_apart() {
+    let a = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/productpage").unwrap();
+    let clone = a.clone();
+    let apart = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/productpage").unwrap();
+    let other = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/productpagf").unwrap();
+    let shorter = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/productpag").unwrap();
+    assert!(a == clone && a == apart && clone == apart);
+    assert!(a != other && a != shorter && other != shorter);
+    // Ordering and hashing agree with equality.
+    assert_eq!(a.cmp(&apart), std::cmp::Ordering::Equal);
+    let hash = |id: &SpiffeId| {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
+    };
+    assert_eq!(hash(&a), hash(&apart));
+}

@@ -37,7 +37,8 @@ pub struct OutboundHttp {
 impl OutboundHttp {
     pub fn new(shared: Arc<Shared>, up: Upstream, route: watch::Receiver<Arc<Route>>) -> Arc<Self> {
         let s = &shared.http;
-        let pool = Pool::new(up.remote, s.pool_max_connections, s.pool_streams_per_connection);
+        let idle = shared.limits.idle_timeout;
+        let pool = Pool::new(up.remote, s.pool_max_connections, s.pool_streams_per_connection, idle);
         let server = super::server::builder(s, smuggling_counter(&shared, "outbound"));
         let (metrics, upgrade_tls) = (Arc::default(), ConfigCache::new(ALPN_H1));
         let connections = shared.metrics.http_connections.with_label_values(&["outbound"]);

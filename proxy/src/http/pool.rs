@@ -10,7 +10,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -28,8 +27,9 @@ pub const ALPN_H2: &[u8] = b"istio-h2";
 /// ALPN of pooled HTTP/1.1 connections, and of a dedicated one for an upgrade (WebSocket).
 pub const ALPN_H1: &[u8] = b"istio-http/1.1";
 
-/// A pooled HTTP/1.1 connection waits at most this long for its next request (the inbound
-/// sidecar's own idle deadline is an hour by default).
+/// A pooled HTTP/1.1 connection waits at most this long for its next request, and at most half
+/// this sidecar's own `idle_timeout` (the remote's is likely the same, an hour by default): a
+/// connection the remote closes while a request is on its way fails that request.
 const H1_IDLE: Duration = Duration::from_secs(90);
 
 /// What the pool knows of an HTTP/1.1 connection.
@@ -84,7 +84,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(remote: SocketAddr, max_conns: usize, per_conn: usize) -> Self {
+    pub fn new(remote: SocketAddr, max_conns: usize, per_conn: usize, idle_timeout: Duration) -> Self {
         Self {
             remote,
             label: remote.to_string(),
@@ -93,7 +93,7 @@ impl Pool {
             conns: Mutex::new(Vec::new()),
             connecting: tokio::sync::Mutex::new(()),
             tls: ConfigCache::new(ALPN_H2),
-            h1: Idle::new(H1_IDLE),
+            h1: Idle::new(H1_IDLE.min(idle_timeout / 2)),
             h1_tls: ConfigCache::new(ALPN_H1),
         }
     }
@@ -107,7 +107,9 @@ impl Pool {
         req: http::Request<Body>,
     ) -> Result<(http::Response<Incoming>, H1Lease), SendError<DialError>> {
         let fits = |c: &H1Conn| c.expected == route.expected;
-        self.h1.send(req, fits, || self.open_h1(shared, route)).await
+        // Boxed: the dial and handshake are large and rare, and unboxed they would size (and be
+        // moved with) every request's future.
+        self.h1.send(req, fits, || Box::pin(self.open_h1(shared, route))).await
     }
 
     async fn open_h1(
