@@ -119,16 +119,9 @@ impl Pool {
     ) -> Result<(http1::SendRequest<Body>, H1Conn), DialError> {
         let (stream, peer) = dial(shared, self.remote, route, &self.h1_tls).await?;
         let (send, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(DialError::Http1)?;
-        shared.metrics.pool_opened.with_label_values(&[&self.label, "http/1.1"]).inc();
-        let kill = shared.drain.clone();
         // Ends when the remote closes, the pool lets it go (idle too long, or dropped), or the
         // drain deadline passes.
-        shared.tracker.spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r { tracing::debug!(error = %e, "pooled connection ended") },
-                () = kill.cancelled() => {}
-            }
-        });
+        self.run(shared, "http/1.1", conn);
         Ok((send, H1Conn { peer, expected: route.expected.clone() }))
     }
 
@@ -177,16 +170,25 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(DialError::Http2)?;
-        shared.metrics.pool_opened.with_label_values(&[&self.label, "h2"]).inc();
-        let kill = shared.drain.clone();
         // Ends when the remote closes, every handle is dropped (pool gone, requests done), or
         // the drain deadline passes.
+        self.run(shared, "h2", conn);
+        Ok(Arc::new(Conn { send, peer, expected: route.expected.clone(), inflight: AtomicUsize::new(0) }))
+    }
+
+    /// Counts a connection just opened and drives it on its own task until it ends or the drain
+    /// deadline passes.
+    fn run<C>(&self, shared: &Shared, protocol: &str, conn: C)
+    where
+        C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        shared.metrics.pool_opened.with_label_values(&[&self.label, protocol]).inc();
+        let kill = shared.drain.clone();
         shared.tracker.spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r { tracing::debug!(error = %e, "pooled connection ended") },
                 () = kill.cancelled() => {}
             }
         });
-        Ok(Arc::new(Conn { send, peer, expected: route.expected.clone(), inflight: AtomicUsize::new(0) }))
     }
 }
