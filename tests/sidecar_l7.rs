@@ -334,6 +334,56 @@ async fn http1_requests_ride_pooled_http1_connections_and_http2_ones_share_one()
     mesh.shutdown().await;
 }
 
+/// Secure naming outlives the pool: once a DestinationRule names another identity for the
+/// upstream, a pooled HTTP/1.1 connection verified against the old expectation carries no more
+/// requests; the next one dials again and is refused for the SAN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_is_not_reused_once_a_destination_rule_expects_another_identity() {
+    let pki = Pki::new();
+    let mesh = L7Mesh::start(&pki, "", Protocol::Http, Protocol::Http).await;
+    let dir = policy_dir("");
+    let mut cfg = config(SidecarSpec {
+        ns: "default",
+        sa: "bookinfo-productpage",
+        labels: &[("app", "productpage")],
+        identity: pki.files("default", "bookinfo-productpage"),
+        inbound: vec![],
+        outbound: vec![(mesh.server.inbound(9080), vec![])],
+        policy: Some(dir.path().to_owned()),
+    });
+    cfg.outbound[0].protocol = Some(Protocol::Http);
+    cfg.outbound[0].host = Some("details.default.svc.cluster.local".into());
+    cfg.outbound[0].port = Some(9080);
+    let client = start(cfg).await;
+    let out = client.addrs.outbound[0];
+    let h1 = h1_client();
+    for i in 0..3 {
+        assert_eq!(call(&h1, out, "GET", &format!("/before/{i}"), &[]).await.status, 200);
+    }
+    let opened = "keycard_upstream_connections_opened_total{protocol=\"http/1.1\",upstream=\"";
+    let opened = format!("{opened}{}\"}}", mesh.server.inbound(9080));
+    assert_eq!(client.metric(&opened), 1.0, "{}", client.metrics());
+    let reloads = |r: &Running| r.metric("keycard_policy_reloads_total{result=\"success\"}");
+    let before = reloads(&client);
+    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: details, namespace: default}\nspec:\n  host: details.default.svc.cluster.local\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\"]}\n";
+    std::fs::write(dir.path().join("policy.yaml"), rule).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reloads(&client) <= before {
+        assert!(std::time::Instant::now() < deadline, "the DestinationRule was never loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = call(&h1, out, "GET", "/after", &[]).await;
+    assert_eq!(after.status, 503, "the pooled connection to details carried it: {}", after.body);
+    assert_eq!(
+        client.metric("keycard_handshake_failures_total{direction=\"outbound\",reason=\"san_mismatch\"}"),
+        1.0,
+        "{}",
+        client.metrics()
+    );
+    client.shutdown().await;
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431() {
     let pki = Pki::new();
