@@ -7,7 +7,8 @@
 //!   the buffers they lend, and the read-ahead under every TLS stream; [`ktls`]: L4 mesh
 //!   connections handed to the kernel's TLS after the handshake, where it offers it.
 //! - [`http`]: L7 for HTTP/1.1, HTTP/2 and gRPC ports (per-request policy, JWT, pooled mTLS).
-//! - [`sidecar`]: assembly, policy reload, drain; [`conns`]: live connections for re-evaluation.
+//! - [`sidecar`]: assembly, policy reload, drain; [`conns`]: live connections for re-evaluation;
+//!   [`cancel`]: the drain's tokens waited on cheaply by futures that wake often.
 //! - [`capture`]: the transparent-interception listeners (original destination).
 //! - [`metrics`], [`access`], [`logging`], [`admin`]: what it reports; [`observe`]: what arrived, for
 //!   `keycard status` and `policy suggest`.
@@ -17,6 +18,7 @@
 pub mod access;
 pub mod admin;
 pub mod buffers;
+pub mod cancel;
 pub mod capture;
 pub mod conns;
 pub mod detect;

@@ -187,7 +187,7 @@ impl Pool {
         shared.tracker.spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r { tracing::debug!(error = %e, "pooled connection ended") },
-                () = kill.cancelled() => {}
+                () = crate::cancel::cancelled(&kill) => {}
             }
         });
     }

@@ -35,6 +35,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use super::body::Body;
 use super::guard::{Guarded, OnRefused};
 use super::sniff::{self, Rewind, Sniffed};
+use crate::cancel::cancelled;
 
 /// The hyper servers for downstream connections. HTTP/2 keeps h2's defences against rapid reset
 /// (at most 20 pending resets, 1024 locally caused) and sends keep-alive pings.
@@ -229,11 +230,11 @@ where
                 None => break,
             },
             () = activity.idle_for(server.rest_after), if !rest_due => rest_due = true,
-            () = stopping.cancelled(), if !graceful => {
+            () = cancelled(stopping), if !graceful => {
                 Pin::new(&mut conn).graceful_shutdown();
                 graceful = true;
             }
-            () = kill.cancelled() => return None,
+            () = cancelled(kill) => return None,
             () = activity.idle_for(idle) => return None,
         }
     }
@@ -281,11 +282,11 @@ async fn serve_http2<I, S>(
                 }
                 return;
             }
-            () = stopping.cancelled(), if !graceful => {
+            () = cancelled(stopping), if !graceful => {
                 conn.as_mut().graceful_shutdown();
                 graceful = true;
             }
-            () = kill.cancelled() => return,
+            () = cancelled(kill) => return,
             () = activity.idle_for(idle) => return,
         }
     }
