@@ -1,11 +1,12 @@
 //! Waiting for a cancellation token inside a future that wakes often (a served connection wakes
 //! several times per request, and its `select!` polls the drain's tokens each time).
 //!
-//! tokio-util's [`WaitForCancellationFuture`] takes the token's waiter-list lock on every poll to
-//! check its registration and the waker. [`Cancelled`] polls it once, to register, and after that
-//! only reads the token's flag (an atomic load) for as long as the task's waker would wake the
-//! same task as the one registered; a poll from another waker registers again. A cancellation
-//! sets the flag before it wakes the registered waiters, so the poll it causes sees the flag.
+//! tokio-util's [`WaitForCancellationFuture`] reads the token's flag and then polls its `Notified`,
+//! which takes the waiter list's lock to check the registration and the waker, on every poll.
+//! [`Cancelled`] polls it once, to register, and after that only reads the flag (the token's own
+//! uncontended lock) for as long as the task's waker would wake the same task as the one
+//! registered; a poll from another waker registers again. A cancellation sets the flag before it
+//! wakes the registered waiters, so the poll it causes sees the flag.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
