@@ -310,6 +310,35 @@ async fn http1_requests_ride_pooled_http1_connections_and_http2_ones_share_one()
         assert_eq!(call(&h1, out, "GET", &format!("/again/{i}"), &[]).await.status, 200);
     }
     assert_eq!(opened("http/1.1"), after_burst);
+    // Bodies stream through HTTP/1.1 between the sidecars: 8 MiB with its length, and a chunked
+    // one of unknown length, each echoed back whole.
+    let big = vec![b'k'; 8 << 20];
+    let req = http::Request::post(format!("http://{out}/echo"))
+        .header("host", "details.default.svc.cluster.local")
+        .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
+        .unwrap();
+    let resp = h1.request(req).await.unwrap();
+    let back = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    assert!(back.len() == big.len() && back.iter().all(|b| *b == b'k'), "{} bytes back", back.len());
+    let sent: Vec<u8> = (0..64u8).flat_map(|i| vec![i; 1000]).collect();
+    let mut req = b"POST /echo HTTP/1.1\r\nHost: details.default.svc.cluster.local\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for chunk in sent.chunks(1000) {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_bytes(out, &req).await;
+    let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&answer[..head_end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(&answer[head_end..])
+    } else {
+        answer[head_end..].to_vec()
+    };
+    assert_eq!(body, sent, "the chunked upload came back as sent");
+    assert_eq!(opened("http/1.1"), after_burst, "the uploads reused the pooled connections");
     let h2 = h2c_client();
     for i in 0..20 {
         let a = call(&h2, out, "GET", &format!("/h2/{i}"), &[]).await;
@@ -329,7 +358,7 @@ async fn http1_requests_ride_pooled_http1_connections_and_http2_ones_share_one()
             "response_code=\"200\"",
             "connection_security_policy=\"mutual_tls\"",
         ];
-        assert_eq!(metric_sum(m, "istio_requests_total", &labels), 80.0, "{m}");
+        assert_eq!(metric_sum(m, "istio_requests_total", &labels), 82.0, "{m}");
     }
     mesh.shutdown().await;
 }
@@ -823,4 +852,29 @@ async fn a_request_past_its_deadline_gets_504_and_others_are_unaffected() {
         "{m}"
     );
     mesh.shutdown().await;
+}
+
+/// Sends `bytes` on a new connection to `addr` and reads until the server closes.
+async fn raw_bytes(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await.unwrap().unwrap();
+    got
+}
+
+/// A chunked HTTP/1.1 body's data.
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line = b.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..line]).unwrap().trim(), 16).unwrap();
+        b = &b[line + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
 }
