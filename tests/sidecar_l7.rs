@@ -220,14 +220,7 @@ async fn with_h2_upgrade_requests_share_one_pooled_mtls_connection_and_keep_thei
         assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/2.0")), "{}", a.body);
     }
     // A streamed 8 MiB body there and back.
-    let big = vec![b'k'; 8 << 20];
-    let req = http::Request::post(format!("http://{out}/echo"))
-        .header("host", "details.default.svc.cluster.local")
-        .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
-        .unwrap();
-    let resp = h1.request(req).await.unwrap();
-    let back = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
-    assert!(back.len() == big.len() && back.iter().all(|b| *b == b'k'));
+    echoes_8_mib(&h1, out).await;
 
     let client = mesh.client.metrics();
     assert_eq!(metric_sum(&client, "keycard_upstream_connections_opened_total", &[]), 1.0, "{client}");
@@ -312,14 +305,7 @@ async fn http1_requests_ride_pooled_http1_connections_and_http2_ones_share_one()
     assert_eq!(opened("http/1.1"), after_burst);
     // Bodies stream through HTTP/1.1 between the sidecars: 8 MiB with its length, and a chunked
     // one of unknown length, each echoed back whole.
-    let big = vec![b'k'; 8 << 20];
-    let req = http::Request::post(format!("http://{out}/echo"))
-        .header("host", "details.default.svc.cluster.local")
-        .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
-        .unwrap();
-    let resp = h1.request(req).await.unwrap();
-    let back = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
-    assert!(back.len() == big.len() && back.iter().all(|b| *b == b'k'), "{} bytes back", back.len());
+    echoes_8_mib(&h1, out).await;
     let sent: Vec<u8> = (0..64u8).flat_map(|i| vec![i; 1000]).collect();
     let mut req = b"POST /echo HTTP/1.1\r\nHost: details.default.svc.cluster.local\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
     for chunk in sent.chunks(1000) {
@@ -371,15 +357,7 @@ async fn a_pooled_connection_is_not_reused_once_a_destination_rule_expects_anoth
     let pki = Pki::new();
     let mesh = L7Mesh::start(&pki, "", Protocol::Http, Protocol::Http).await;
     let dir = policy_dir("");
-    let mut cfg = config(SidecarSpec {
-        ns: "default",
-        sa: "bookinfo-productpage",
-        labels: &[("app", "productpage")],
-        identity: pki.files("default", "bookinfo-productpage"),
-        inbound: vec![],
-        outbound: vec![(mesh.server.inbound(9080), vec![])],
-        policy: Some(dir.path().to_owned()),
-    });
+    let mut cfg = config(productpage(&pki, mesh.server.inbound(9080), vec![], Some(dir.path().to_owned())));
     cfg.outbound[0].protocol = Some(Protocol::Http);
     cfg.outbound[0].host = Some("details.default.svc.cluster.local".into());
     cfg.outbound[0].port = Some(9080);

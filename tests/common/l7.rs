@@ -181,15 +181,8 @@ impl L7Mesh {
         cfg.inbound[0].protocol = Some(server_proto);
         cfg.http = http.clone();
         let server = start(cfg).await;
-        let mut cfg = config(SidecarSpec {
-            ns: "default",
-            sa: "bookinfo-productpage",
-            labels: &[("app", "productpage")],
-            identity: pki.files("default", "bookinfo-productpage"),
-            inbound: vec![],
-            outbound: vec![(server.inbound(9080), vec![Pki::id("default", "bookinfo-details")])],
-            policy: None,
-        });
+        let expected = vec![Pki::id("default", "bookinfo-details")];
+        let mut cfg = config(productpage(pki, server.inbound(9080), expected, None));
         cfg.outbound[0].protocol = Some(client_proto);
         cfg.http = http;
         let client = start(cfg).await;
@@ -205,4 +198,34 @@ impl L7Mesh {
         self.client.shutdown().await;
         self.server.shutdown().await;
     }
+}
+
+/// productpage's sidecar: one upstream (`remote`, expecting `expected`), no inbound port.
+pub fn productpage(
+    pki: &Pki,
+    remote: SocketAddr,
+    expected: Vec<keycard_config::SpiffeId>,
+    policy: Option<std::path::PathBuf>,
+) -> SidecarSpec {
+    SidecarSpec {
+        ns: "default",
+        sa: "bookinfo-productpage",
+        labels: &[("app", "productpage")],
+        identity: pki.files("default", "bookinfo-productpage"),
+        inbound: vec![],
+        outbound: vec![(remote, expected)],
+        policy,
+    }
+}
+
+/// POSTs 8 MiB to the app's `/echo` through `out` and checks that all of it came back.
+pub async fn echoes_8_mib(client: &HttpClient, out: SocketAddr) {
+    let big = vec![b'k'; 8 << 20];
+    let req = Request::post(format!("http://{out}/echo"))
+        .header("host", "details.default.svc.cluster.local")
+        .body(Full::new(Bytes::from(big.clone())))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let back = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(back.len() == big.len() && back.iter().all(|b| *b == b'k'), "{} bytes back", back.len());
 }
