@@ -349,6 +349,43 @@ async fn http1_requests_ride_pooled_http1_connections_and_http2_ones_share_one()
     mesh.shutdown().await;
 }
 
+/// The pooled HTTP/1.1 connections to one remote sidecar are bounded (`pool_max_connections` x
+/// `pool_streams_per_connection` requests in flight on their own connections); requests past that
+/// share an HTTP/2 connection instead of opening more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_requests_past_the_pools_bound_share_an_http2_connection() {
+    let pki = Pki::new();
+    let http =
+        HttpSettings { pool_max_connections: 1, pool_streams_per_connection: 3, ..HttpSettings::default() };
+    let mesh = L7Mesh::custom(&pki, "", Protocol::Http, Protocol::Http, inspect_app().await, http).await;
+    let out = mesh.outbound();
+    let h1 = h1_client();
+    // Eight requests in flight at once (the app answers each after 3 s): three on HTTP/1.1
+    // connections of their own, five on one HTTP/2 connection; the app gets HTTP/1.1 either way.
+    let slow: Vec<_> = (0..8)
+        .map(|_| {
+            let h1 = h1.clone();
+            tokio::spawn(async move { call(&h1, out, "GET", "/slow", &[]).await })
+        })
+        .collect();
+    for t in slow {
+        let a = t.await.unwrap();
+        assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/1.1")), "{}", a.body);
+    }
+    let m = mesh.client.metrics();
+    let opened = |proto: &str| {
+        metric_sum(&m, "keycard_upstream_connections_opened_total", &[&format!("protocol=\"{proto}\"")])
+    };
+    assert_eq!((opened("http/1.1"), opened("h2")), (3.0, 1.0), "{m}");
+    // With the burst over, requests take the connections already open.
+    for i in 0..5 {
+        assert_eq!(call(&h1, out, "GET", &format!("/after/{i}"), &[]).await.status, 200);
+    }
+    let m = mesh.client.metrics();
+    assert_eq!(metric_sum(&m, "keycard_upstream_connections_opened_total", &[]), 4.0, "{m}");
+    mesh.shutdown().await;
+}
+
 /// Secure naming outlives the pool: once a DestinationRule names another identity for the
 /// upstream, a pooled HTTP/1.1 connection verified against the old expectation carries no more
 /// requests; the next one dials again and is refused for the SAN.

@@ -95,6 +95,8 @@ pub struct HttpSettings {
     /// (Istio's `h2UpgradePolicy: UPGRADE`). Default false: as the app sent them, each on a pooled
     /// HTTP/1.1 connection of its own (Istio's default, `DO_NOT_UPGRADE`), which costs the two
     /// sidecars less per request; HTTP/2 and gRPC requests share HTTP/2 connections either way.
+    /// At most `pool_max_connections` x `pool_streams_per_connection` HTTP/1.1 requests are in
+    /// flight per upstream sidecar on their own connections; more ride the HTTP/2 connections.
     pub h2_upgrade: bool,
     /// A downstream HTTP/1.1 keep-alive connection whose requests come less than this apart keeps
     /// its HTTP state and buffers (about 16 KiB) between them, until no byte has moved for this

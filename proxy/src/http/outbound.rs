@@ -103,7 +103,12 @@ impl OutboundHttp {
         if let Some(on_upgrade) = on_upgrade {
             return self.upgrade(Request::from_parts(parts, body), on_upgrade, ex, &route, &authority).await;
         }
-        if downstream_version == Version::HTTP_2 || shared.http.h2_upgrade {
+        // HTTP/2 requests, all of them with `h2_upgrade`, and HTTP/1.1 ones past the pool's HTTP/1.1
+        // places share the HTTP/2 connections.
+        let h1_slot = (downstream_version != Version::HTTP_2 && !shared.http.h2_upgrade)
+            .then(|| self.pool.h1_slot())
+            .flatten();
+        let Some(h1_slot) = h1_slot else {
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
             let lease = match self.pool.lease(shared, &route).await {
@@ -114,7 +119,7 @@ impl OutboundHttp {
             let sent = lease.send(Request::from_parts(parts, body));
             let result = super::within(shared.http.request_timeout, sent).await;
             return self.answer(ex, downstream_version, result.map(|r| r.map(|resp| (resp, lease))));
-        }
+        };
         // HTTP/1.1 as the app sent it: the authority in `Host`, only the path on the request line.
         match HeaderValue::from_str(&authority) {
             Ok(host) => parts.headers.insert(header::HOST, host),
@@ -128,7 +133,7 @@ impl OutboundHttp {
             Some(Err(SendError::Connect(e))) => return unavailable(shared, ex, &e),
             Some(Ok((resp, lease))) => {
                 ex.dst_identity = lease.meta().and_then(|c| c.peer.clone());
-                Some(Ok((resp, lease)))
+                Some(Ok((resp, (lease, h1_slot))))
             }
             Some(Err(SendError::Http(e))) => Some(Err(e)),
             None => None,

@@ -4,7 +4,8 @@
 //! another, up to `pool_max_connections`. HTTP/1.1 requests travel as HTTP/1.1, as Istio's
 //! sidecars carry them by default (`h2UpgradePolicy: DO_NOT_UPGRADE`), each on a connection lent
 //! to it alone (`http::idle`): no HTTP/2 framing, header compression and stream bookkeeping on
-//! either sidecar. Connections made for other expected identities (a policy reload changed them)
+//! either sidecar. At most `pool_max_connections` x `pool_streams_per_connection` of them are in
+//! flight (so at most that many connections are open); more share the HTTP/2 connections. Connections made for other expected identities (a policy reload changed them)
 //! are not reused; closed ones are dropped.
 
 use std::net::SocketAddr;
@@ -81,6 +82,20 @@ pub struct Pool {
     tls: ConfigCache,
     h1: Arc<Idle<H1Conn>>,
     h1_tls: ConfigCache,
+    /// HTTP/1.1 requests in flight on connections of their own, at most `h1_cap`: so at most that
+    /// many HTTP/1.1 connections are ever open, idle ones included.
+    h1_inflight: Arc<AtomicUsize>,
+    h1_cap: usize,
+}
+
+/// A place among the HTTP/1.1 requests in flight, given back when dropped (after the response
+/// body).
+pub struct H1Slot(Arc<AtomicUsize>);
+
+impl Drop for H1Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pool {
@@ -95,7 +110,19 @@ impl Pool {
             tls: ConfigCache::new(ALPN_H2),
             h1: Idle::new(H1_IDLE.min(idle_timeout / 2)),
             h1_tls: ConfigCache::new(ALPN_H1),
+            h1_inflight: Arc::default(),
+            h1_cap: max_conns.max(1).saturating_mul(per_conn.max(1)),
         }
+    }
+
+    /// A place for one more HTTP/1.1 request on a connection of its own; `None` when the pool's
+    /// HTTP/1.1 connections are all taken (the request then shares an HTTP/2 one).
+    pub fn h1_slot(&self) -> Option<H1Slot> {
+        if self.h1_inflight.fetch_add(1, Ordering::Relaxed) >= self.h1_cap {
+            self.h1_inflight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(H1Slot(self.h1_inflight.clone()))
     }
 
     /// Sends an HTTP/1.1 request on a connection of its own, reused from an earlier request where
@@ -190,5 +217,23 @@ impl Pool {
                 () = crate::cancel::cancelled(&kill) => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http1_places_are_bounded_and_come_back_when_dropped() {
+        let pool = Pool::new("127.0.0.1:1".parse().unwrap(), 2, 3, Duration::from_secs(60));
+        let mut taken: Vec<_> =
+            (0..6).map(|i| pool.h1_slot().unwrap_or_else(|| panic!("place {i}"))).collect();
+        assert!(pool.h1_slot().is_none(), "a seventh place past 2 x 3");
+        assert!(pool.h1_slot().is_none(), "a refused place takes nothing");
+        drop(taken.pop());
+        let again = pool.h1_slot();
+        assert!(again.is_some(), "a dropped place is free again");
+        assert!(pool.h1_slot().is_none());
     }
 }
