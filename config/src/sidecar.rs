@@ -86,7 +86,9 @@ pub struct HttpSettings {
     pub request_timeout: Duration,
     /// Concurrent HTTP/2 streams per downstream connection. Default 100.
     pub max_concurrent_streams: u32,
-    /// Mutual-TLS HTTP/2 connections per upstream sidecar. Default 4.
+    /// Mutual-TLS HTTP/2 connections per upstream sidecar. Default 4. Times
+    /// `pool_streams_per_connection`: the most HTTP/1.1 requests in flight on pooled HTTP/1.1
+    /// connections of their own (see `h2_upgrade`).
     pub pool_max_connections: usize,
     /// A pooled connection with this many requests in flight makes the pool open another
     /// (up to `pool_max_connections`). Default 100.

@@ -5,8 +5,9 @@
 //! sidecars carry them by default (`h2UpgradePolicy: DO_NOT_UPGRADE`), each on a connection lent
 //! to it alone (`http::idle`): no HTTP/2 framing, header compression and stream bookkeeping on
 //! either sidecar. At most `pool_max_connections` x `pool_streams_per_connection` of them are in
-//! flight (so at most that many connections are open); more share the HTTP/2 connections. Connections made for other expected identities (a policy reload changed them)
-//! are not reused; closed ones are dropped.
+//! flight (so at most that many connections are open); more share the HTTP/2 connections.
+//! Connections made for other expected identities (a policy reload changed them) are not reused;
+//! closed ones are dropped.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
