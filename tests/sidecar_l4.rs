@@ -563,6 +563,59 @@ spec:
     server.run.shutdown().await;
 }
 
+/// A listener whose accept queue is full and never drained: a connection to it hangs in its
+/// handshake (the kernel drops the SYNs) until the connecting side gives up. Keep what it returns.
+async fn unanswered_listener() -> (std::net::SocketAddr, tokio::net::TcpListener, Vec<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let listener = socket.listen(1).unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => queued.push(s),
+            Ok(Err(e)) => panic!("connect to the listener failed: {e}"),
+            Err(_) => return (addr, listener, queued),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+/// A DestinationRule's `connectionPool.tcp.connectTimeout` is the deadline for connections to its
+/// host; another host keeps the sidecar's own (`limits.connect_timeout`, 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rules_connect_timeout_bounds_connects_to_its_host_only() {
+    let pki = Pki::new();
+    let (hanging, _listener, _queued) = unanswered_listener().await;
+    let dir = policy_dir(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: details, namespace: default}\nspec:\n  host: details.default.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      tcp: {connectTimeout: 300ms}\n",
+    );
+    let mut cfg = config(SidecarSpec {
+        ns: "default",
+        sa: "productpage",
+        labels: &[],
+        identity: pki.files("default", "productpage"),
+        inbound: vec![],
+        outbound: vec![(hanging, vec![]), (hanging, vec![])],
+        policy: Some(dir.path().to_owned()),
+    });
+    cfg.outbound[0].host = Some("details.default.svc.cluster.local".into());
+    cfg.outbound[1].host = Some("reviews.default.svc.cluster.local".into());
+    let pp = start(cfg).await;
+    // Each connection waits for its upstream; the first gives up at the rule's deadline.
+    let mut bounded = TcpStream::connect(pp.addrs.outbound[0]).await.unwrap();
+    let mut unbounded = TcpStream::connect(pp.addrs.outbound[1]).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(3), bounded.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "not closed within 3 s: {closed:?}");
+    let waited = started.elapsed();
+    // The other host's connection is still waiting on its 5 s deadline.
+    let open = tokio::time::timeout(Duration::from_millis(500), unbounded.read(&mut buf)).await;
+    assert!(open.is_err(), "closed after {waited:?} + 0.5 s, before its own deadline: {open:?}");
+    pp.shutdown().await;
+}
+
 /// A ClientHello as rustls writes it for `alpn`, to send over a plain socket.
 fn client_hello(alpn: &[u8]) -> Vec<u8> {
     let roots = rustls::RootCertStore::empty();

@@ -428,6 +428,62 @@ async fn a_pooled_connection_is_not_reused_once_a_destination_rule_expects_anoth
     mesh.shutdown().await;
 }
 
+/// A DestinationRule's `connectionPool.http.h2UpgradePolicy` decides for its host over the
+/// sidecar's `http.h2_upgrade`, and a reload that changes it changes how the next requests travel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rules_h2_upgrade_policy_chooses_how_http1_requests_travel() {
+    let pki = Pki::new();
+    let mesh = L7Mesh::start(&pki, "", Protocol::Http, Protocol::Http).await;
+    let rule = |policy: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: details, namespace: default}}\nspec:\n  host: details.default.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      http: {{h2UpgradePolicy: {policy}}}\n"
+        )
+    };
+    let dir = policy_dir(&rule("UPGRADE"));
+    let mut cfg = config(productpage(&pki, mesh.server.inbound(9080), vec![], Some(dir.path().to_owned())));
+    cfg.outbound[0].protocol = Some(Protocol::Http);
+    cfg.outbound[0].host = Some("details.default.svc.cluster.local".into());
+    cfg.outbound[0].port = Some(9080);
+    let client = start(cfg).await;
+    let out = client.addrs.outbound[0];
+    let opened = |proto: &str| {
+        client.metric(&format!(
+            "keycard_upstream_connections_opened_total{{protocol=\"{proto}\",upstream=\"{}\"}}",
+            mesh.server.inbound(9080)
+        ))
+    };
+    let h1 = h1_client();
+    let burst = |tag: &'static str| {
+        (0..6)
+            .map(|i| {
+                let h1 = h1.clone();
+                tokio::spawn(async move { call(&h1, out, "GET", &format!("/{tag}/{i}"), &[]).await })
+            })
+            .collect::<Vec<_>>()
+    };
+    for t in burst("upgraded") {
+        let a = t.await.unwrap();
+        assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/1.1")), "{}", a.body);
+    }
+    assert_eq!((opened("h2"), opened("http/1.1")), (1.0, 0.0), "{}", client.metrics());
+
+    let reloads = |r: &Running| r.metric("keycard_policy_reloads_total{result=\"success\"}");
+    let before = reloads(&client);
+    std::fs::write(dir.path().join("policy.yaml"), rule("DO_NOT_UPGRADE")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reloads(&client) <= before {
+        assert!(std::time::Instant::now() < deadline, "the DestinationRule was never reloaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..4 {
+        let a = call(&h1, out, "GET", &format!("/as-sent/{i}"), &[]).await;
+        assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/1.1")), "{}", a.body);
+    }
+    assert_eq!((opened("h2"), opened("http/1.1")), (1.0, 1.0), "{}", client.metrics());
+    client.shutdown().await;
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431() {
     let pki = Pki::new();

@@ -99,6 +99,8 @@ pub struct HttpSettings {
     /// sidecars less per request; HTTP/2 and gRPC requests share HTTP/2 connections either way.
     /// At most `pool_max_connections` x `pool_streams_per_connection` HTTP/1.1 requests are in
     /// flight per upstream sidecar on their own connections; more ride the HTTP/2 connections.
+    /// This is the mesh-wide choice: a DestinationRule's `connectionPool.http.h2UpgradePolicy`
+    /// (or `useClientProtocol: true`) for the upstream's host decides for that host.
     pub h2_upgrade: bool,
     /// A downstream HTTP/1.1 keep-alive connection whose requests come less than this apart keeps
     /// its HTTP state and buffers (about 16 KiB) between them, until no byte has moved for this

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use keycard_config::SpiffeId;
 use keycard_config::policy::model::ClientTlsMode;
@@ -31,6 +31,11 @@ pub struct Route {
     pub sni: Option<String>,
     /// For `SIMPLE` / `MUTUAL`: the config built from the DestinationRule's files, or why not.
     pub external: Option<Result<Arc<ClientConfig>, String>>,
+    /// The DestinationRule's `h2UpgradePolicy` (`useClientProtocol`): whether HTTP/1.1 requests
+    /// travel as HTTP/2; `None` leaves it to the sidecar's `http.h2_upgrade`.
+    pub h2_upgrade: Option<bool>,
+    /// The DestinationRule's `tcp.connectTimeout`, else the sidecar's `limits.connect_timeout`.
+    pub connect_timeout: Option<Duration>,
 }
 
 impl Route {
@@ -48,7 +53,20 @@ impl Route {
             (ClientTlsMode::Simple | ClientTlsMode::Mutual, Some(d)) => Some(external_config(d)),
             _ => None,
         };
-        Self { mode, expected, sni: dr.and_then(|d| d.sni.clone()).or_else(|| up.host.clone()), external }
+        let pool = up.host.as_deref().and_then(|h| policy.dest_pool_for(h, port));
+        Self {
+            mode,
+            expected,
+            sni: dr.and_then(|d| d.sni.clone()).or_else(|| up.host.clone()),
+            external,
+            h2_upgrade: pool.and_then(|p| p.h2_upgrade),
+            connect_timeout: pool.and_then(|p| p.connect_timeout),
+        }
+    }
+
+    /// Whether HTTP/1.1 requests on this route travel between the sidecars as HTTP/2.
+    pub fn h2_upgrade(&self, shared: &Shared) -> bool {
+        self.h2_upgrade.unwrap_or(shared.http.h2_upgrade)
     }
 }
 
@@ -226,9 +244,10 @@ impl DialError {
     }
 }
 
-/// TCP to `remote` under the connect deadline, Nagle off.
-async fn connect(shared: &Shared, remote: SocketAddr) -> Result<TcpStream, DialError> {
-    forward::connect(remote, shared.limits.connect_timeout).await.map_err(|e| match e {
+/// TCP to `remote` under the route's connect deadline, Nagle off.
+async fn connect(shared: &Shared, route: &Route, remote: SocketAddr) -> Result<TcpStream, DialError> {
+    let timeout = route.connect_timeout.unwrap_or(shared.limits.connect_timeout);
+    forward::connect(remote, timeout).await.map_err(|e| match e {
         ConnectError::Failed(e) => DialError::Connect(e),
         ConnectError::TimedOut => DialError::ConnectTimeout,
     })
@@ -305,7 +324,7 @@ pub async fn dial(
     cache: &ConfigCache,
 ) -> Result<(TlsStream<ReadAhead<TcpStream>>, Option<SpiffeId>), DialError> {
     let config = mesh_config(shared, route, cache)?;
-    let tcp = connect(shared, remote).await?;
+    let tcp = connect(shared, route, remote).await?;
     handshake(shared, remote, route, config, ReadAhead::new(tcp)).await
 }
 
@@ -328,7 +347,7 @@ async fn set_up(
         access(shared, up.remote, peer, None, tls, started).log("fail", e.reason(), &e.to_string(), 0, 0)
     };
     let _ = app.set_nodelay(true);
-    let remote = match connect(shared, up.remote).await {
+    let remote = match connect(shared, route, up.remote).await {
         Ok(s) => s,
         Err(e) => {
             fail(&e);

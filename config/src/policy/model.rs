@@ -1,6 +1,6 @@
 //! Istio's security resources as they appear in YAML (security.istio.io and networking.istio.io,
 //! v1 and v1beta1): `PeerAuthentication`, `AuthorizationPolicy`, `RequestAuthentication`, and the
-//! TLS part of `DestinationRule`. Unknown fields are errors; strings that need checking are `Spanned` so a
+//! TLS and connection-pool parts of `DestinationRule`. Unknown fields are errors; strings that need checking are `Spanned` so a
 //! semantic error can still name its line.
 
 use std::collections::BTreeMap;
@@ -266,7 +266,7 @@ pub struct ClaimToHeader {
     pub claim: S,
 }
 
-// ---- DestinationRule (TLS settings only) ----
+// ---- DestinationRule (TLS settings, and how requests travel) ----
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -290,9 +290,11 @@ pub struct TrafficPolicy {
     pub tls: Option<ClientTls>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
-    // Traffic management keycard does not do; accepted so Istio files load, reported at load.
+    /// Read for how requests travel (`h2UpgradePolicy`, `useClientProtocol`) and the connect
+    /// deadline; the rest of it is reported at load and ignored.
     #[serde(default)]
-    pub connection_pool: Option<Spanned<IgnoredAny>>,
+    pub connection_pool: Option<ConnectionPool>,
+    // Traffic management keycard does not do; accepted so Istio files load, reported at load.
     #[serde(default)]
     pub load_balancer: Option<Spanned<IgnoredAny>>,
     #[serde(default)]
@@ -306,11 +308,97 @@ pub struct PortTrafficPolicy {
     #[serde(default)]
     pub tls: Option<ClientTls>,
     #[serde(default)]
-    pub connection_pool: Option<Spanned<IgnoredAny>>,
+    pub connection_pool: Option<ConnectionPool>,
     #[serde(default)]
     pub load_balancer: Option<Spanned<IgnoredAny>>,
     #[serde(default)]
     pub outlier_detection: Option<Spanned<IgnoredAny>>,
+}
+
+/// A DestinationRule's `connectionPool`, every field Istio defines: those keycard acts on typed,
+/// the others kept only with their line, to be reported.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionPool {
+    #[serde(default)]
+    pub tcp: Option<TcpPool>,
+    #[serde(default)]
+    pub http: Option<HttpPool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpPool {
+    /// The deadline for TCP connections to the destination (a protobuf or humantime duration).
+    #[serde(default)]
+    pub connect_timeout: Option<S>,
+    #[serde(default)]
+    pub max_connections: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub tcp_keepalive: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub max_connection_duration: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub idle_timeout: Option<Spanned<IgnoredAny>>,
+}
+
+impl TcpPool {
+    /// The fields keycard does not act on, by name, where present.
+    pub fn ignored(&self) -> [(&'static str, &Option<Spanned<IgnoredAny>>); 4] {
+        [
+            ("maxConnections", &self.max_connections),
+            ("tcpKeepalive", &self.tcp_keepalive),
+            ("maxConnectionDuration", &self.max_connection_duration),
+            ("idleTimeout", &self.idle_timeout),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpPool {
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<H2UpgradePolicy>,
+    /// Keep the client's protocol (no upgrade to HTTP/2), whatever `h2UpgradePolicy` says.
+    #[serde(default)]
+    pub use_client_protocol: Option<bool>,
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub http2_max_requests: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub max_retries: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub idle_timeout: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub max_concurrent_streams: Option<Spanned<IgnoredAny>>,
+}
+
+impl HttpPool {
+    /// The fields keycard does not act on, by name, where present.
+    pub fn ignored(&self) -> [(&'static str, &Option<Spanned<IgnoredAny>>); 6] {
+        [
+            ("http1MaxPendingRequests", &self.http1_max_pending_requests),
+            ("http2MaxRequests", &self.http2_max_requests),
+            ("maxRequestsPerConnection", &self.max_requests_per_connection),
+            ("maxRetries", &self.max_retries),
+            ("idleTimeout", &self.idle_timeout),
+            ("maxConcurrentStreams", &self.max_concurrent_streams),
+        ]
+    }
+}
+
+/// Whether HTTP/1.1 requests to the destination travel between the sidecars as HTTP/2.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum H2UpgradePolicy {
+    /// The mesh-wide choice: the sidecar's `http.h2_upgrade`.
+    #[default]
+    Default,
+    DoNotUpgrade,
+    Upgrade,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Default)]

@@ -207,7 +207,7 @@ impl Cx<'_> {
             .collect()
     }
 
-    fn timeout(&self, t: &S) -> Result<Duration, LoadError> {
+    pub(super) fn timeout(&self, t: &S) -> Result<Duration, LoadError> {
         parse_duration(&t.value)
             .filter(|d| !d.is_zero())
             .ok_or_else(|| self.err(t, format!("{:?} is not a positive duration such as \"5s\"", t.value)))

@@ -91,6 +91,78 @@ fn the_bookinfo_lab_policies_load_and_apply_by_namespace_and_selector() {
     assert!(set.dest_tls_for("reviews.default.svc.cluster.local", 9080).is_none());
 }
 
+/// `connectionPool`: the fields keycard acts on, port-level settings replacing the host-wide ones
+/// whole (Istio's port-level settings do not inherit), and a warning with its line for each field
+/// keycard does not act on.
+#[test]
+fn destination_rule_connection_pools_choose_the_protocol_and_connect_deadline_per_port() {
+    let text = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews.default.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+      subjectAltNames: ["spiffe://cluster.local/ns/default/sa/reviews"]
+    connectionPool:
+      tcp:
+        connectTimeout: 250ms
+        maxConnections: 100
+      http:
+        h2UpgradePolicy: UPGRADE
+        http1MaxPendingRequests: 10
+    portLevelSettings:
+    - port: {number: 9080}
+      connectionPool:
+        http:
+          h2UpgradePolicy: UPGRADE
+          useClientProtocol: true
+    - port: {number: 9090}
+      tls: {mode: DISABLE}
+    - port: {number: 9091}
+      connectionPool:
+        tcp: {connectTimeout: 1.5s}
+        http: {h2UpgradePolicy: DO_NOT_UPGRADE}
+"#;
+    let set = load(text).unwrap();
+    let host = "reviews.default.svc.cluster.local";
+    let pool = |port| set.dest_pool_for(host, port).map(|p| (p.h2_upgrade, p.connect_timeout));
+    let ms = std::time::Duration::from_millis;
+    assert_eq!(pool(8080), Some((Some(true), Some(ms(250)))));
+    // useClientProtocol wins over UPGRADE; nothing comes down from the host-wide pool.
+    assert_eq!(pool(9080), Some((Some(false), None)));
+    // A port that sets only TLS gets the default pool ...
+    assert_eq!(pool(9090), Some((None, None)));
+    assert_eq!(pool(9091), Some((Some(false), Some(ms(1500)))));
+    assert_eq!(set.dest_pool_for("ratings.default.svc.cluster.local", 8080).map(|p| p.port), None);
+    // ... and a port that sets only its pool gets the default TLS, without the host-wide SANs.
+    let tls = |port| set.dest_tls_for(host, port).map(|t| (t.mode, t.subject_alt_names.len()));
+    assert_eq!(tls(8080), Some((ClientTlsMode::IstioMutual, 1)));
+    assert_eq!(tls(9080), Some((ClientTlsMode::IstioMutual, 0)));
+    assert_eq!(tls(9090), Some((ClientTlsMode::Disable, 0)));
+    assert_eq!(set.destination_rules, 1);
+
+    let line_of = |field: &str| text.lines().position(|l| l.contains(field)).unwrap() + 1;
+    let mut want = [
+        format!(
+            "policy.yaml:{}: DestinationRule default/reviews: connectionPool.tcp.maxConnections",
+            line_of("maxConnections")
+        ),
+        format!(
+            "policy.yaml:{}: DestinationRule default/reviews: connectionPool.http.http1MaxPendingRequests",
+            line_of("http1MaxPending")
+        ),
+    ];
+    want.sort();
+    let mut got = set.warnings.clone();
+    got.sort();
+    assert_eq!(got.len(), want.len(), "{got:?}");
+    for (g, w) in got.iter().zip(&want) {
+        assert!(g.starts_with(w.as_str()) && g.ends_with("ignored"), "{g} should start with {w}");
+    }
+}
+
 #[test]
 fn errors_name_file_line_and_field() {
     let cases: &[(&str, u64, Option<&str>, &str)] = &[
@@ -154,6 +226,24 @@ fn errors_name_file_line_and_field() {
             6,
             Some("istio.io/dry-run"),
             "must be",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: x\nspec:\n  host: a\n  trafficPolicy:\n    connectionPool:\n      http:\n        h2UpgradePolicy: SOMETIMES\n",
+            10,
+            Some("h2UpgradePolicy"),
+            "unknown variant",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: x\nspec:\n  host: a\n  trafficPolicy:\n    portLevelSettings:\n    - port: {number: 80}\n      connectionPool:\n        tcp:\n          connectTimeout: soon\n",
+            12,
+            Some("connectTimeout"),
+            "not a positive duration",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: x\nspec:\n  host: a\n  trafficPolicy:\n    connectionPool:\n      tcp:\n        maxConections: 4\n",
+            10,
+            Some("maxConections"),
+            "unknown field",
         ),
     ];
     for (text, line, field, msg) in cases {

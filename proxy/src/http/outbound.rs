@@ -103,9 +103,10 @@ impl OutboundHttp {
         if let Some(on_upgrade) = on_upgrade {
             return self.upgrade(Request::from_parts(parts, body), on_upgrade, ex, &route, &authority).await;
         }
-        // HTTP/2 requests, all of them with `h2_upgrade`, and HTTP/1.1 ones past the pool's HTTP/1.1
+        // HTTP/2 requests, all of them where the route upgrades (the DestinationRule's
+        // `h2UpgradePolicy`, else `http.h2_upgrade`), and HTTP/1.1 ones past the pool's HTTP/1.1
         // places share the HTTP/2 connections.
-        let h1_slot = (downstream_version != Version::HTTP_2 && !shared.http.h2_upgrade)
+        let h1_slot = (downstream_version != Version::HTTP_2 && !route.h2_upgrade(shared))
             .then(|| self.pool.h1_slot())
             .flatten();
         let Some(h1_slot) = h1_slot else {
