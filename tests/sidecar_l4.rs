@@ -494,8 +494,18 @@ async fn destination_rules_choose_plaintext_simple_tls_or_the_expected_identity(
 kind: DestinationRule
 metadata: {{name: legacy, namespace: default}}
 spec:
-  host: legacy.default.svc.cluster.local
+  host: legacy
   trafficPolicy: {{tls: {{mode: DISABLE}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: elsewhere, namespace: other}}
+spec:
+  host: details.default.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+      subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\"]
 ---
 apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
@@ -521,7 +531,7 @@ spec:
     );
     let dir = policy_dir(&rules);
     let set = keycard_config::policy::PolicySet::load(&[dir.path().to_owned()]).unwrap();
-    assert_eq!(set.dest_tls.len(), 3, "{:?}", set.dest_tls);
+    assert_eq!(set.dest_rules.len(), 4, "{:?}", set.dest_rules);
     let mut cfg = config(SidecarSpec {
         ns: "default",
         sa: "productpage",
@@ -551,7 +561,7 @@ spec:
     assert_eq!(
         roundtrip(pp.addrs.outbound[3]).await,
         Ok(()),
-        "no port-level rule for 9443: any mesh identity"
+        "no port-level rule for 9443 and namespace other's rule is not the client's: any mesh identity"
     );
     let m = pp.metrics();
     assert_eq!(

@@ -39,25 +39,26 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn for_upstream(up: &Upstream, policy: &keycard_config::policy::PolicySet) -> Self {
+    /// The route to `up` under the DestinationRules its workload sees (`destinations`).
+    pub fn for_upstream(up: &Upstream, destinations: &keycard_config::policy::Destinations) -> Self {
         let port = up.port.unwrap_or(up.remote.port());
-        let dr = up.host.as_deref().and_then(|h| policy.dest_tls_for(h, port));
+        let dest = up.host.as_deref().and_then(|h| destinations.lookup(h, port));
+        let (tls, pool) = (dest.and_then(|d| d.tls), dest.and_then(|d| d.pool));
         let expected = if !up.identities.is_empty() {
             up.identities.clone()
         } else {
-            dr.map(|d| d.subject_alt_names.iter().filter_map(|s| SpiffeId::parse(s).ok()).collect())
+            tls.map(|d| d.subject_alt_names.iter().filter_map(|s| SpiffeId::parse(s).ok()).collect())
                 .unwrap_or_default()
         };
-        let mode = dr.map_or(ClientTlsMode::IstioMutual, |d| d.mode);
-        let external = match (mode, dr) {
+        let mode = tls.map_or(ClientTlsMode::IstioMutual, |d| d.mode);
+        let external = match (mode, tls) {
             (ClientTlsMode::Simple | ClientTlsMode::Mutual, Some(d)) => Some(external_config(d)),
             _ => None,
         };
-        let pool = up.host.as_deref().and_then(|h| policy.dest_pool_for(h, port));
         Self {
             mode,
             expected,
-            sni: dr.and_then(|d| d.sni.clone()).or_else(|| up.host.clone()),
+            sni: tls.and_then(|d| d.sni.clone()).or_else(|| up.host.clone()),
             external,
             h2_upgrade: pool.and_then(|p| p.h2_upgrade),
             connect_timeout: pool.and_then(|p| p.connect_timeout),

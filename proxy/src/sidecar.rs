@@ -351,7 +351,8 @@ impl Sidecar {
             let (l, addr) = bind_optional(up.listen).await?;
             out_addrs.extend(addr);
             outbound.push(l);
-            route_txs.push(watch::channel(Arc::new(Route::for_upstream(up, &set))).0);
+            route_txs
+                .push(watch::channel(Arc::new(Route::for_upstream(up, &policy_rx.borrow().destinations))).0);
         }
         let wanted = cfg.capture.as_ref().map_or([None, None], |c| [c.inbound, c.outbound]);
         let (capture_in, capture_in_addr) = bind_optional(wanted[0]).await?;
@@ -616,7 +617,7 @@ impl Reloader {
         ));
         self.policy_tx.send_replace(wp.clone());
         for (up, tx) in self.cfg.outbound.iter().zip(&self.route_txs) {
-            tx.send_replace(Arc::new(Route::for_upstream(up, &set)));
+            tx.send_replace(Arc::new(Route::for_upstream(up, &wp.destinations)));
         }
         let refs = wp.authz_refs();
         let closed = self.shared.live.close_denied(|facts| {

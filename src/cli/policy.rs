@@ -245,7 +245,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let set = &inputs.set;
-    let resources = set.peer_auth.len() + set.authz.len() + set.request_authn.len() + set.destination_rules;
+    let resources = set.peer_auth.len() + set.authz.len() + set.request_authn.len() + set.dest_rules.len();
     let warnings = findings.iter().filter(|f| f.severity == Severity::Warning).count();
     match args.output {
         Output::Json => print_json(&CheckReport {

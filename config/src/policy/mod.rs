@@ -6,6 +6,7 @@
 //! `selector.matchLabels`, as Istio does).
 
 pub mod authz;
+pub mod destination;
 pub mod explain;
 pub mod lint;
 pub mod load;
@@ -20,12 +21,10 @@ use serde::Serialize;
 use serde_saphyr::Spanned;
 
 use self::authz::{Action, AuthzPolicy, Condition, ConditionKey, OperationMatch, Pattern, Rule, SourceMatch};
+pub use self::destination::{DestPool, DestRule, DestTls, Destination, Destinations};
 pub use self::load::LoadError;
 use self::load::{Object, Resource, spanned_error};
-use self::model::{
-    AuthorizationPolicySpec, ClientTls, ClientTlsMode, ConnectionPool, DestinationRuleSpec, H2UpgradePolicy,
-    PeerAuthenticationSpec, S,
-};
+use self::model::{AuthorizationPolicySpec, PeerAuthenticationSpec, S};
 use self::peerauth::{PeerAuth, ResolvedPeerAuth};
 pub use self::requestauth::{JwtRule, RequestAuthn};
 
@@ -33,37 +32,6 @@ pub use self::requestauth::{JwtRule, RequestAuthn};
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// The annotation that makes an AuthorizationPolicy report without enforcing.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
-
-/// The TLS settings a DestinationRule gives one host (and optionally one port).
-#[derive(Debug, Clone, Serialize)]
-pub struct DestTls {
-    pub namespace: String,
-    pub name: String,
-    pub host: String,
-    pub port: Option<u16>,
-    pub mode: ClientTlsMode,
-    pub subject_alt_names: Vec<String>,
-    pub client_certificate: Option<String>,
-    pub private_key: Option<String>,
-    pub ca_certificates: Option<String>,
-    pub sni: Option<String>,
-}
-
-/// What a DestinationRule's `connectionPool` says of how keycard reaches one host (and optionally
-/// one port). A port's `connectionPool` replaces the host-wide one for that port, as in Istio.
-#[derive(Debug, Clone, Serialize)]
-pub struct DestPool {
-    pub namespace: String,
-    pub name: String,
-    pub host: String,
-    pub port: Option<u16>,
-    /// Whether HTTP/1.1 requests travel between the sidecars as HTTP/2: `UPGRADE` is true,
-    /// `DO_NOT_UPGRADE` and `useClientProtocol: true` false; `None` leaves it to the sidecar's
-    /// `http.h2_upgrade` (`DEFAULT`, or not said).
-    pub h2_upgrade: Option<bool>,
-    /// `tcp.connectTimeout`: the deadline for TCP connections to the destination.
-    pub connect_timeout: Option<std::time::Duration>,
-}
 
 /// Where a resource was read: its file and the line of its `metadata.name`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -84,10 +52,7 @@ pub struct PolicySet {
     pub peer_auth: Vec<PeerAuth>,
     pub authz: Vec<AuthzPolicy>,
     pub request_authn: Vec<RequestAuthn>,
-    pub dest_tls: Vec<DestTls>,
-    pub dest_pool: Vec<DestPool>,
-    /// How many DestinationRules were read (each gives `dest_tls` and `dest_pool` entries by port).
-    pub destination_rules: usize,
+    pub dest_rules: Vec<DestRule>,
     /// Fields accepted but not acted on (traffic management in DestinationRules, a `jwksUri` next to
     /// `jwks`), with location.
     pub warnings: Vec<String>,
@@ -102,6 +67,8 @@ pub struct WorkloadPolicy {
     pub authz: Vec<AuthzPolicy>,
     /// The rules of every RequestAuthentication that applies, in load order.
     pub jwt_rules: Vec<JwtRule>,
+    /// The DestinationRules its upstreams may take theirs from.
+    pub destinations: Destinations,
 }
 
 impl WorkloadPolicy {
@@ -159,7 +126,7 @@ impl PolicySet {
 
     fn add_resources(&mut self, resources: Vec<Resource>, text: &str, file: &Path) -> Result<(), LoadError> {
         for resource in resources {
-            let order = self.peer_auth.len() + self.authz.len() + self.destination_rules;
+            let order = self.peer_auth.len() + self.authz.len() + self.dest_rules.len();
             let cx = Cx { file, text };
             match resource {
                 Resource::PeerAuthentication(o) => self.peer_auth.push(cx.peer_auth(o, order)?),
@@ -170,11 +137,9 @@ impl PolicySet {
                     self.warnings.extend(warnings);
                 }
                 Resource::DestinationRule(o) => {
-                    let rule = cx.dest_rule(*o)?;
-                    self.dest_tls.extend(rule.tls);
-                    self.dest_pool.extend(rule.pool);
-                    self.destination_rules += 1;
-                    self.warnings.extend(rule.warnings);
+                    let (rule, warnings) = cx.dest_rule(*o)?;
+                    self.dest_rules.push(rule);
+                    self.warnings.extend(warnings);
                 }
             }
         }
@@ -201,36 +166,9 @@ impl PolicySet {
                 .filter(|r| applies(&r.namespace, &r.selector))
                 .flat_map(|r| r.rules.iter().cloned())
                 .collect(),
+            destinations: Destinations::for_workload(&self.dest_rules, root_ns, namespace, labels),
         }
     }
-
-    /// The DestinationRule TLS settings for `host` and `port`: a port-level setting wins over the
-    /// host-wide one, and one without `tls` means the default (`ISTIO_MUTUAL`). Hosts match
-    /// exactly or by a leading `*.` wildcard.
-    pub fn dest_tls_for(&self, host: &str, port: u16) -> Option<&DestTls> {
-        for_destination(&self.dest_tls, host, port, |d| (&d.host, d.port))
-    }
-
-    /// The DestinationRule `connectionPool` settings for `host` and `port`, chosen as
-    /// [`Self::dest_tls_for`] chooses.
-    pub fn dest_pool_for(&self, host: &str, port: u16) -> Option<&DestPool> {
-        for_destination(&self.dest_pool, host, port, |d| (&d.host, d.port))
-    }
-}
-
-/// The first of `rules` for `port` of `host`, else the first for all of `host`'s ports. Hosts
-/// match exactly or by a leading `*.` wildcard.
-fn for_destination<'a, T>(
-    rules: &'a [T],
-    host: &str,
-    port: u16,
-    key: impl Fn(&T) -> (&str, Option<u16>),
-) -> Option<&'a T> {
-    let host_matches = |pattern: &str| {
-        pattern == host || pattern.strip_prefix('*').is_some_and(|suffix| host.ends_with(suffix))
-    };
-    let candidates = || rules.iter().filter(|d| host_matches(key(d).0));
-    candidates().find(|d| key(d).1 == Some(port)).or_else(|| candidates().find(|d| key(d).1.is_none()))
 }
 
 /// The `*.yaml` / `*.yml` files of a directory (not recursive), in name order.
@@ -454,150 +392,6 @@ impl Cx<'_> {
             .collect::<Result<_, _>>()
             .map(Some)
     }
-
-    fn dest_rule(&self, o: Object<DestinationRuleSpec>) -> Result<DestRule, LoadError> {
-        let (ns, name) = (self.namespace(&o.metadata), o.metadata.name.value.clone());
-        let mut rule = DestRule::default();
-        let mut warn = |what: &str, at: &Option<Spanned<serde::de::IgnoredAny>>| {
-            if let Some(at) = at {
-                rule.warnings.push(format!(
-                    "{}:{}: DestinationRule {ns}/{name}: {what} is traffic management, which keycard does not do; ignored",
-                    self.file.display(),
-                    at.referenced.line()
-                ));
-            }
-        };
-        warn("subsets", &o.spec.subsets);
-        let Some(tp) = o.spec.traffic_policy else { return Ok(rule) };
-        let levels = std::iter::once((
-            None,
-            tp.tls.as_ref(),
-            tp.connection_pool.as_ref(),
-            &tp.load_balancer,
-            &tp.outlier_detection,
-        ))
-        .chain(tp.port_level_settings.iter().map(|pl| {
-            (
-                Some(pl.port.number),
-                pl.tls.as_ref(),
-                pl.connection_pool.as_ref(),
-                &pl.load_balancer,
-                &pl.outlier_detection,
-            )
-        }));
-        for (port, tls, pool, load_balancer, outlier_detection) in levels {
-            if let Some(pool) = pool {
-                for (field, at) in pool.tcp.iter().flat_map(|t| t.ignored()) {
-                    warn(&format!("connectionPool.tcp.{field}"), at);
-                }
-                for (field, at) in pool.http.iter().flat_map(|h| h.ignored()) {
-                    warn(&format!("connectionPool.http.{field}"), at);
-                }
-            }
-            warn("loadBalancer", load_balancer);
-            warn("outlierDetection", outlier_detection);
-            // A port's settings replace the host-wide ones whole: what the port leaves out takes
-            // the defaults, not the host-wide value (Istio's port-level settings do not inherit).
-            let default_tls = ClientTls::default();
-            let default_pool = ConnectionPool::default();
-            let (tls, pool) = match port {
-                Some(_) => (Some(tls.unwrap_or(&default_tls)), Some(pool.unwrap_or(&default_pool))),
-                None => (tls, pool),
-            };
-            if let Some(tls) = tls {
-                rule.tls.push(self.dest_tls(&ns, &name, &o.spec.host, port, tls)?);
-            }
-            if let Some(pool) = pool {
-                rule.pool.push(self.dest_pool(&ns, &name, &o.spec.host, port, pool)?);
-            }
-        }
-        Ok(rule)
-    }
-
-    fn dest_tls(
-        &self,
-        ns: &str,
-        name: &str,
-        host: &str,
-        port: Option<u16>,
-        tls: &ClientTls,
-    ) -> Result<DestTls, LoadError> {
-        if let Some(c) = &tls.credential_name {
-            return Err(self.err(c, "credentialName (Kubernetes secrets) is not supported; use file paths"));
-        }
-        if let Some(skip) = tls.insecure_skip_verify.as_ref().filter(|s| s.value) {
-            return Err(self.err(skip, "insecureSkipVerify: true is not supported"));
-        }
-        let sans = tls
-            .subject_alt_names
-            .iter()
-            .map(|s| {
-                crate::SpiffeId::parse(&s.value).map(|id| id.to_string()).or_else(|_| {
-                    // Istio also accepts DNS names here; keycard's peers are named by SPIFFE ID.
-                    if tls.mode == ClientTlsMode::IstioMutual {
-                        Err(self.err(s, format!("{:?} is not a SPIFFE ID", s.value)))
-                    } else {
-                        Ok(s.value.clone())
-                    }
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(DestTls {
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            host: host.to_owned(),
-            port,
-            mode: tls.mode,
-            subject_alt_names: sans,
-            client_certificate: tls.client_certificate.clone(),
-            private_key: tls.private_key.clone(),
-            ca_certificates: tls.ca_certificates.clone(),
-            sni: tls.sni.clone(),
-        })
-    }
-
-    fn dest_pool(
-        &self,
-        ns: &str,
-        name: &str,
-        host: &str,
-        port: Option<u16>,
-        pool: &ConnectionPool,
-    ) -> Result<DestPool, LoadError> {
-        let http = pool.http.as_ref();
-        let h2_upgrade = if http.and_then(|h| h.use_client_protocol) == Some(true) {
-            // Istio: the client's protocol is kept and h2UpgradePolicy has no effect.
-            Some(false)
-        } else {
-            match http.and_then(|h| h.h2_upgrade_policy) {
-                Some(H2UpgradePolicy::Upgrade) => Some(true),
-                Some(H2UpgradePolicy::DoNotUpgrade) => Some(false),
-                Some(H2UpgradePolicy::Default) | None => None,
-            }
-        };
-        let connect_timeout = pool
-            .tcp
-            .as_ref()
-            .and_then(|t| t.connect_timeout.as_ref())
-            .map(|t| self.timeout(t))
-            .transpose()?;
-        Ok(DestPool {
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            host: host.to_owned(),
-            port,
-            h2_upgrade,
-            connect_timeout,
-        })
-    }
-}
-
-/// What one DestinationRule compiles to.
-#[derive(Default)]
-struct DestRule {
-    tls: Vec<DestTls>,
-    pool: Vec<DestPool>,
-    warnings: Vec<String>,
 }
 
 fn parse_timestamp(s: &str) -> Option<i64> {

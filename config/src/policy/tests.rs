@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::model::MtlsMode;
+use super::model::{ClientTlsMode, MtlsMode};
 use super::*;
 
 fn load(text: &str) -> Result<PolicySet, LoadError> {
@@ -69,7 +69,7 @@ spec:
 #[test]
 fn the_bookinfo_lab_policies_load_and_apply_by_namespace_and_selector() {
     let set = load(BOOKINFO).unwrap();
-    assert_eq!((set.peer_auth.len(), set.authz.len(), set.dest_tls.len()), (1, 2, 1));
+    assert_eq!((set.peer_auth.len(), set.authz.len(), set.dest_rules.len()), (1, 2, 1));
     assert_eq!(set.warnings.len(), 1, "{:?}", set.warnings);
     assert!(set.warnings[0].contains("loadBalancer") && set.warnings[0].starts_with("policy.yaml:"));
 
@@ -86,9 +86,11 @@ fn the_bookinfo_lab_policies_load_and_apply_by_namespace_and_selector() {
     let elsewhere = set.for_workload(DEFAULT_ROOT_NAMESPACE, "other", &labels(&[("app", "details")]));
     assert!(elsewhere.authz.is_empty());
 
-    let tls = set.dest_tls_for("details.default.svc.cluster.local", 9080).unwrap();
+    let dests =
+        &set.for_workload(DEFAULT_ROOT_NAMESPACE, "default", &labels(&[("app", "productpage")])).destinations;
+    let tls = dests.lookup("details.default.svc.cluster.local", 9080).and_then(|d| d.tls).unwrap();
     assert_eq!(tls.subject_alt_names, ["spiffe://cluster.local/ns/default/sa/bookinfo-details"]);
-    assert!(set.dest_tls_for("reviews.default.svc.cluster.local", 9080).is_none());
+    assert!(dests.lookup("reviews.default.svc.cluster.local", 9080).is_none());
 }
 
 /// `connectionPool`: the fields keycard acts on, port-level settings replacing the host-wide ones
@@ -126,22 +128,26 @@ spec:
         http: {h2UpgradePolicy: DO_NOT_UPGRADE}
 "#;
     let set = load(text).unwrap();
+    let dests = set.for_workload(DEFAULT_ROOT_NAMESPACE, "default", &labels(&[])).destinations;
     let host = "reviews.default.svc.cluster.local";
-    let pool = |port| set.dest_pool_for(host, port).map(|p| (p.h2_upgrade, p.connect_timeout));
+    let pool =
+        |port| dests.lookup(host, port).and_then(|d| d.pool).map(|p| (p.h2_upgrade, p.connect_timeout));
     let ms = std::time::Duration::from_millis;
     assert_eq!(pool(8080), Some((Some(true), Some(ms(250)))));
     // useClientProtocol wins over UPGRADE; nothing comes down from the host-wide pool.
     assert_eq!(pool(9080), Some((Some(false), None)));
-    // A port that sets only TLS gets the default pool ...
-    assert_eq!(pool(9090), Some((None, None)));
+    // A port that sets only TLS gets the default pool (none) ...
+    assert_eq!(pool(9090), None);
     assert_eq!(pool(9091), Some((Some(false), Some(ms(1500)))));
-    assert_eq!(set.dest_pool_for("ratings.default.svc.cluster.local", 8080).map(|p| p.port), None);
-    // ... and a port that sets only its pool gets the default TLS, without the host-wide SANs.
-    let tls = |port| set.dest_tls_for(host, port).map(|t| (t.mode, t.subject_alt_names.len()));
+    assert!(dests.lookup("ratings.default.svc.cluster.local", 8080).is_none());
+    // ... and a port that sets only its pool gets the default TLS (none: ISTIO_MUTUAL with any
+    // mesh identity), without the host-wide SANs.
+    let tls =
+        |port| dests.lookup(host, port).and_then(|d| d.tls).map(|t| (t.mode, t.subject_alt_names.len()));
     assert_eq!(tls(8080), Some((ClientTlsMode::IstioMutual, 1)));
-    assert_eq!(tls(9080), Some((ClientTlsMode::IstioMutual, 0)));
+    assert_eq!(tls(9080), None);
     assert_eq!(tls(9090), Some((ClientTlsMode::Disable, 0)));
-    assert_eq!(set.destination_rules, 1);
+    assert_eq!(set.dest_rules.len(), 1);
 
     let line_of = |field: &str| text.lines().position(|l| l.contains(field)).unwrap() + 1;
     let mut want = [
@@ -160,6 +166,72 @@ spec:
     assert_eq!(got.len(), want.len(), "{got:?}");
     for (g, w) in got.iter().zip(&want) {
         assert!(g.starts_with(w.as_str()) && g.ends_with("ignored"), "{g} should start with {w}");
+    }
+}
+
+/// Which DestinationRule a workload's upstream takes, as Istio chooses: the workload's namespace,
+/// then the service's (if exported there), then the root namespace; the most specific host in
+/// each; a selecting rule before one without a selector; short hosts in the rule's namespace.
+#[test]
+fn destination_rules_are_chosen_by_namespace_host_and_selector_as_istio_chooses() {
+    let rule = |ns: &str, name: &str, host: &str, extra: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  host: \"{host}\"\n{extra}---\n"
+        )
+    };
+    let text = [
+        rule("istio-system", "catch-all", "*", ""),
+        rule("istio-system", "mesh-wide", "*.cluster.local", ""),
+        rule("shop", "reviews-shop", "reviews", ""),
+        rule("shop", "ratings-private", "ratings", "  exportTo: [\".\"]\n"),
+        rule("web", "web-reviews", "reviews.shop.svc.cluster.local", ""),
+        rule("web", "details-everyone", "details.shop.svc.cluster.local", ""),
+        rule(
+            "web",
+            "details-frontend",
+            "details.shop.svc.cluster.local",
+            "  workloadSelector: {matchLabels: {app: frontend}}\n",
+        ),
+        rule("other", "other-details", "details.shop.svc.cluster.local", "  exportTo: [\"*\"]\n"),
+        rule(
+            "shop",
+            "payments-frontend",
+            "payments.shop.svc.cluster.local",
+            "  workloadSelector: {matchLabels: {app: frontend}}\n",
+        ),
+    ]
+    .concat();
+    let set = load(&text).unwrap();
+    assert_eq!(
+        set.dest_rules[2].host, "reviews.shop.svc.cluster.local",
+        "a short host is the rule's namespace's"
+    );
+    let chosen = |ns: &str, app: &str, host: &str| {
+        let dests = set.for_workload(DEFAULT_ROOT_NAMESPACE, ns, &labels(&[("app", app)])).destinations;
+        dests.lookup(host, 9080).map(|d| d.rule.name.clone())
+    };
+    let cases = [
+        // The workload's own namespace first, over the service's.
+        ("web", "frontend", "reviews.shop.svc.cluster.local", "web-reviews"),
+        // Else the service's namespace, exported everywhere by default.
+        ("api", "x", "reviews.shop.svc.cluster.local", "reviews-shop"),
+        // Not exported beyond its namespace: the root namespace's then.
+        ("web", "frontend", "ratings.shop.svc.cluster.local", "mesh-wide"),
+        ("shop", "x", "ratings.shop.svc.cluster.local", "ratings-private"),
+        // A selecting rule before one without, though loaded after it.
+        ("web", "frontend", "details.shop.svc.cluster.local", "details-frontend"),
+        ("web", "backend", "details.shop.svc.cluster.local", "details-everyone"),
+        // Another namespace's rule is neither the workload's nor the service's.
+        ("api", "x", "details.shop.svc.cluster.local", "mesh-wide"),
+        // Selectors do not reach across namespaces.
+        ("web", "frontend", "payments.shop.svc.cluster.local", "mesh-wide"),
+        ("shop", "frontend", "payments.shop.svc.cluster.local", "payments-frontend"),
+        // `mesh-wide` won above over `catch-all`, loaded before it: the longer wildcard; outside
+        // the cluster only `*` names a host.
+        ("api", "x", "api.example.com", "catch-all"),
+    ];
+    for (ns, app, host, want) in cases {
+        assert_eq!(chosen(ns, app, host).as_deref(), Some(want), "{ns}/{app} -> {host}");
     }
 }
 
