@@ -176,7 +176,9 @@ impl UpstreamHandler {
             let http = http.clone();
             return Some(Box::pin(http.serve_conn(tcp, peer)));
         }
-        let conn = set_up(shared, &self.up, &route, &self.cache, tcp, peer).await?;
+        // Boxed: unboxed, the TCP set-up's future (3.2 KB, its TLS handshake) set the size of
+        // this one, which the accept loop moves into a box for every connection, HTTP ones too.
+        let conn = Box::pin(set_up(shared, &self.up, &route, &self.cache, tcp, peer)).await?;
         Some(Box::pin(conn.forward(shared.clone())))
     }
 }
