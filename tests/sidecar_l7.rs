@@ -466,6 +466,14 @@ async fn a_destination_rules_h2_upgrade_policy_chooses_how_http1_requests_travel
         assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/1.1")), "{}", a.body);
     }
     assert_eq!((opened("h2"), opened("http/1.1")), (1.0, 0.0), "{}", client.metrics());
+    // config_dump shows the route in force and the rule that made it.
+    let route = || async {
+        let (_, dump) = http_get(client.addrs.admin, "/config_dump").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        let r = &v["routes"][0];
+        (r["destination_rule"].as_str().map(str::to_owned), r["h2_upgrade"].as_bool(), r["tls_mode"].clone())
+    };
+    assert_eq!(route().await, (Some("default/details".into()), Some(true), "ISTIO_MUTUAL".into()));
 
     let reloads = |r: &Running| r.metric("keycard_policy_reloads_total{result=\"success\"}");
     let before = reloads(&client);
@@ -480,6 +488,7 @@ async fn a_destination_rules_h2_upgrade_policy_chooses_how_http1_requests_travel
         assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/1.1")), "{}", a.body);
     }
     assert_eq!((opened("h2"), opened("http/1.1")), (1.0, 1.0), "{}", client.metrics());
+    assert_eq!(route().await, (Some("default/details".into()), Some(false), "ISTIO_MUTUAL".into()));
     client.shutdown().await;
     mesh.shutdown().await;
 }

@@ -34,6 +34,8 @@ pub struct View {
     pub registry: Registry,
     pub status: Arc<Mutex<PolicyStatus>>,
     pub log_control: Option<LogControl>,
+    /// Each upstream's route in force, in `cfg.outbound`'s order.
+    pub routes: Vec<tokio::sync::watch::Receiver<Arc<crate::outbound::Route>>>,
 }
 
 pub async fn serve(listener: TcpListener, view: Arc<View>, port: Port, stop: CancellationToken) {
@@ -100,6 +102,13 @@ fn config_dump(view: &View) -> serde_json::Value {
         "workload": {"spiffe_id": view.shared.id, "namespace": view.cfg.workload.namespace, "labels": view.cfg.workload.labels},
         "inbound": ports,
         "outbound": view.cfg.outbound,
+        "routes": view
+            .cfg
+            .outbound
+            .iter()
+            .zip(&view.routes)
+            .map(|(up, route)| route.borrow().describe(up, &view.shared))
+            .collect::<Vec<_>>(),
         "peer_authentication": policy.peer_auth,
         "authorization_policies": policy.authz,
         "policy": status,

@@ -36,6 +36,8 @@ pub struct Route {
     pub h2_upgrade: Option<bool>,
     /// The DestinationRule's `tcp.connectTimeout`, else the sidecar's `limits.connect_timeout`.
     pub connect_timeout: Option<Duration>,
+    /// The DestinationRule in force (`namespace/name`), for `/config_dump`.
+    pub rule: Option<String>,
 }
 
 impl Route {
@@ -62,7 +64,24 @@ impl Route {
             external,
             h2_upgrade: pool.and_then(|p| p.h2_upgrade),
             connect_timeout: pool.and_then(|p| p.connect_timeout),
+            rule: dest.map(|d| format!("{}/{}", d.rule.namespace, d.rule.name)),
         }
+    }
+
+    /// The route as `/config_dump` shows it: what the DestinationRule in force decided, and the
+    /// sidecar's own settings where it decided nothing.
+    pub fn describe(&self, up: &Upstream, shared: &Shared) -> serde_json::Value {
+        let timeout = self.connect_timeout.unwrap_or(shared.limits.connect_timeout);
+        serde_json::json!({
+            "remote": up.remote,
+            "host": up.host,
+            "destination_rule": self.rule,
+            "tls_mode": self.mode,
+            "expected_identities": self.expected,
+            "sni": self.sni,
+            "h2_upgrade": self.h2_upgrade(shared),
+            "connect_timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        })
     }
 
     /// Whether HTTP/1.1 requests on this route travel between the sidecars as HTTP/2.

@@ -509,6 +509,7 @@ impl Sidecar {
             registry: self.registry.clone(),
             status: self.status.clone(),
             log_control: self.log_control.clone(),
+            routes: self.route_txs.iter().map(watch::Sender::subscribe).collect(),
         });
         let [admin, metrics, ready] = self.admin;
         tasks.push(tokio::spawn(crate::admin::serve(
