@@ -1,5 +1,6 @@
 //! `keycard policy check` on policy sets with each foot-gun (and a clean and a broken one), and
-//! `policy explain` against the lab's policies.
+//! `policy explain` against the lab's policies, and `policy route` over DestinationRules in several
+//! namespaces.
 
 mod common;
 
@@ -191,4 +192,85 @@ fn explain_names_the_mode_the_policies_considered_and_the_deciding_rule() {
         explain(&["--workload", "default/details", "--port", "9080", "--from", pp, "--path", "/details/0"]);
     assert_eq!(code, 1);
     assert_eq!(v["policies"].as_array().unwrap().len(), 1, "{v:#}");
+}
+
+const ROUTE_RULES: &str = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: details, namespace: default}
+spec:
+  host: details
+  trafficPolicy:
+    tls: {mode: ISTIO_MUTUAL, subjectAltNames: ["spiffe://cluster.local/ns/default/sa/bookinfo-details"]}
+    portLevelSettings:
+    - port: {number: 9080}
+      connectionPool:
+        tcp: {connectTimeout: 250ms}
+        http: {h2UpgradePolicy: UPGRADE}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: details-private, namespace: default}
+spec:
+  host: details.default.svc.cluster.local
+  exportTo: ["."]
+  trafficPolicy:
+    tls: {mode: DISABLE}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mesh, namespace: istio-system}
+spec:
+  host: "*.cluster.local"
+"#;
+
+fn route(workload: &str, host: &str, port: u16, json: bool) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, ROUTE_RULES).unwrap();
+    let mut cmd = keycard();
+    cmd.args(["policy", "route", "-f"]).arg(&file);
+    cmd.args(["--workload", workload, "--host", host, "--port", &port.to_string()]);
+    if json {
+        cmd.args(["-o", "json"]);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// `policy route` names the rule a workload's sidecar applies to an upstream, where it came from,
+/// and what the port's level sets (nothing inherited from the host-wide level).
+#[test]
+fn policy_route_names_the_destination_rule_and_what_it_sets_per_port() {
+    let host = "details.default.svc.cluster.local";
+    let v: Value = serde_json::from_str(&route("default/productpage", host, 9080, true)).unwrap();
+    let rule = &v["rule"];
+    // The first of two rules for the host in the workload's namespace, the short host made whole.
+    assert_eq!((rule["name"].as_str(), rule["tier"].as_str()), (Some("details"), Some("workload")), "{v}");
+    assert_eq!(rule["host"], host);
+    assert!(rule["origin"].as_str().is_some_and(|o| o.ends_with("rules.yaml:3")), "{v}");
+    assert_eq!((rule["port_level"].as_bool(), rule["tls"].is_null()), (Some(true), true), "{v}");
+    assert_eq!(rule["pool"]["h2_upgrade"], true);
+    let v: Value = serde_json::from_str(&route("default/productpage", host, 9443, true)).unwrap();
+    assert_eq!(
+        v["rule"]["tls"]["subject_alt_names"][0],
+        "spiffe://cluster.local/ns/default/sa/bookinfo-details"
+    );
+    assert!(v["rule"]["pool"].is_null(), "{v}");
+
+    // From another namespace: the service's namespace's exported rule; the private one is not seen.
+    let text = route("shop/web", host, 9443, false);
+    assert!(text.contains("rule       default/details ("), "{text}");
+    assert!(text.contains("from the service's namespace, exported to the workload's"), "{text}");
+    assert!(
+        text.contains("tls        ISTIO_MUTUAL: spiffe://cluster.local/ns/default/sa/bookinfo-details"),
+        "{text}"
+    );
+    // The root namespace's wildcard for another service; nothing for a host outside the cluster.
+    let v: Value =
+        serde_json::from_str(&route("shop/web", "ratings.default.svc.cluster.local", 9080, true)).unwrap();
+    assert_eq!((v["rule"]["name"].as_str(), v["rule"]["tier"].as_str()), (Some("mesh"), Some("root")), "{v}");
+    let text = route("shop/web", "api.example.com", 443, false);
+    assert!(text.contains("rule       none applies"), "{text}");
 }

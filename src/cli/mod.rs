@@ -10,6 +10,7 @@ mod inject;
 mod iptables;
 mod policy;
 mod proxy;
+mod route;
 mod spiffe;
 mod status;
 mod suggest;

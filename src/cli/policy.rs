@@ -1,4 +1,4 @@
-//! `keycard policy check | explain | suggest`: the policy engine offline, on the user's YAML.
+//! `keycard policy check | explain | route | suggest`: the policy engine offline, on the user's YAML.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -29,6 +29,8 @@ pub enum PolicyCommand {
     Check(CheckArgs),
     /// What would a sidecar decide for this connection or request, and which policy decided?
     Explain(Box<ExplainArgs>),
+    /// Which DestinationRule a workload's sidecar applies to one of its upstreams, and what it sets.
+    Route(super::route::RouteArgs),
     /// Least-privilege AuthorizationPolicy + STRICT PeerAuthentication from observed traffic.
     Suggest(super::suggest::SuggestArgs),
 }
@@ -44,7 +46,7 @@ pub struct Sources {
     sidecars: Vec<PathBuf>,
     /// The mesh's root namespace (Istio's `istio-system`).
     #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE)]
-    root_namespace: String,
+    pub root_namespace: String,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +110,7 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Check(a) => check(&a),
         PolicyCommand::Explain(a) => explain_cmd(&a),
+        PolicyCommand::Route(a) => super::route::run(&a),
         PolicyCommand::Suggest(a) => super::suggest::run(&a),
     }
 }
@@ -119,6 +122,23 @@ pub struct Inputs {
     pub errors: Vec<LoadError>,
     pub skipped: Vec<(PathBuf, Skipped)>,
     pub files: usize,
+}
+
+/// `--workload NAMESPACE/NAME`: its namespace, the known workload of that name (if any) and its
+/// labels (`--labels`, else the known workload's).
+pub fn workload<'a>(
+    inputs: &'a Inputs,
+    workload: &'a str,
+    labels: Option<&BTreeMap<String, String>>,
+) -> anyhow::Result<(&'a str, Option<&'a KnownWorkload>, BTreeMap<String, String>)> {
+    let (ns, name) = workload.split_once('/').context("--workload must be NAMESPACE/NAME")?;
+    let found = inputs.workloads.iter().find(|w| w.namespace == ns && w.name == name);
+    let labels = match (labels, found) {
+        (Some(l), _) => l.clone(),
+        (None, Some(w)) => w.labels.clone(),
+        (None, None) => BTreeMap::new(),
+    };
+    Ok((ns, found, labels))
 }
 
 pub fn read_inputs(sources: &Sources) -> Inputs {
@@ -312,13 +332,7 @@ fn explain_cmd(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = inputs.errors.first() {
         bail!("{e} (fix the policy files first: `keycard policy check`)");
     }
-    let (ns, name) = args.workload.split_once('/').context("--workload must be NAMESPACE/NAME")?;
-    let found = inputs.workloads.iter().find(|w| w.namespace == ns && w.name == name);
-    let labels = match (&args.labels, found) {
-        (Some(l), _) => l.clone(),
-        (None, Some(w)) => w.labels.clone(),
-        (None, None) => BTreeMap::new(),
-    };
+    let (ns, found, labels) = workload(&inputs, &args.workload, args.labels.as_ref())?;
     let known_http = found
         .and_then(|w| w.ports.iter().find(|(p, _)| *p == args.port))
         .is_some_and(|(_, proto)| proto.is_http());
@@ -433,7 +447,7 @@ fn print_explanation(
     println!("decision   {} ({})", e.summary, e.reason);
 }
 
-fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     s.split(',').filter(|p| !p.is_empty()).map(parse_pair).collect()
 }
 

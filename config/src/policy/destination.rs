@@ -32,6 +32,7 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 pub struct DestRule {
     pub namespace: String,
     pub name: String,
+    pub origin: super::Origin,
     /// The host as written, short names made whole.
     pub host: String,
     /// `workloadSelector.matchLabels`.
@@ -77,8 +78,34 @@ pub struct DestPool {
 #[derive(Debug, Clone, Copy)]
 pub struct Destination<'a> {
     pub rule: &'a DestRule,
+    /// Why this rule: whose namespace it came from.
+    pub tier: Tier,
+    /// The port's own level (`portLevelSettings`) rather than the host-wide one.
+    pub port_level: bool,
     pub tls: Option<&'a DestTls>,
     pub pool: Option<&'a DestPool>,
+}
+
+/// The namespaces a workload takes DestinationRules from, in the order it looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// The workload's own namespace.
+    Workload,
+    /// The destination service's namespace, exporting the rule to the workload's.
+    Service,
+    /// The root namespace, exporting the rule to the workload's.
+    Root,
+}
+
+impl Tier {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Workload => "the workload's own namespace",
+            Self::Service => "the service's namespace, exported to the workload's",
+            Self::Root => "the root namespace, exported to the workload's",
+        }
+    }
 }
 
 impl DestRule {
@@ -92,7 +119,7 @@ impl DestRule {
     }
 
     /// The settings for `port`: its own level if the rule has one, else the host-wide one.
-    fn for_port(&self, port: u16) -> Destination<'_> {
+    fn for_port(&self, port: u16, tier: Tier) -> Destination<'_> {
         let level = self
             .levels
             .iter()
@@ -100,6 +127,8 @@ impl DestRule {
             .or_else(|| self.levels.iter().find(|l| l.port.is_none()));
         Destination {
             rule: self,
+            tier,
+            port_level: level.is_some_and(|l| l.port.is_some()),
             tls: level.and_then(|l| l.tls.as_ref()),
             pool: level.and_then(|l| l.pool.as_ref()),
         }
@@ -138,11 +167,14 @@ impl Destinations {
     /// The rule for `host` (a whole name) and what it says for `port`; `None` where no rule
     /// applies.
     pub fn lookup(&self, host: &str, port: u16) -> Option<Destination<'_>> {
-        let tiers =
-            [Some(self.namespace.as_str()), service_namespace(host), Some(self.root_namespace.as_str())];
-        for (i, tier) in tiers.iter().enumerate() {
-            let Some(ns) = *tier else { continue };
-            if tiers[..i].contains(tier) {
+        let tiers = [
+            (Some(self.namespace.as_str()), Tier::Workload),
+            (service_namespace(host), Tier::Service),
+            (Some(self.root_namespace.as_str()), Tier::Root),
+        ];
+        for (i, &(tier_ns, tier)) in tiers.iter().enumerate() {
+            let Some(ns) = tier_ns else { continue };
+            if tiers[..i].iter().any(|(earlier, _)| *earlier == tier_ns) {
                 continue;
             }
             let local = ns == self.namespace;
@@ -154,7 +186,7 @@ impl Destinations {
                 // `min_by_key` keeps the first of equals: load order.
                 .min_by_key(|(s, r)| (std::cmp::Reverse(*s), r.selector.is_none()));
             if let Some((_, rule)) = best {
-                return Some(rule.for_port(port));
+                return Some(rule.for_port(port, tier));
             }
         }
         None
@@ -206,6 +238,7 @@ impl Cx<'_> {
         };
         warn("subsets", &o.spec.subsets);
         let mut rule = DestRule {
+            origin: self.origin(&o.metadata),
             host: resolve_host(&o.spec.host, &ns),
             namespace: ns.clone(),
             name: name.clone(),

@@ -21,7 +21,7 @@ use serde::Serialize;
 use serde_saphyr::Spanned;
 
 use self::authz::{Action, AuthzPolicy, Condition, ConditionKey, OperationMatch, Pattern, Rule, SourceMatch};
-pub use self::destination::{DestPool, DestRule, DestTls, Destination, Destinations};
+pub use self::destination::{DestPool, DestRule, DestTls, Destination, Destinations, Tier};
 pub use self::load::LoadError;
 use self::load::{Object, Resource, spanned_error};
 use self::model::{AuthorizationPolicySpec, PeerAuthenticationSpec, S};

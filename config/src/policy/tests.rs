@@ -233,6 +233,13 @@ fn destination_rules_are_chosen_by_namespace_host_and_selector_as_istio_chooses(
     for (ns, app, host, want) in cases {
         assert_eq!(chosen(ns, app, host).as_deref(), Some(want), "{ns}/{app} -> {host}");
     }
+    let tier = |ns: &str, host: &str| {
+        let dests = set.for_workload(DEFAULT_ROOT_NAMESPACE, ns, &labels(&[])).destinations;
+        dests.lookup(host, 9080).map(|d| d.tier)
+    };
+    assert_eq!(tier("web", "reviews.shop.svc.cluster.local"), Some(Tier::Workload));
+    assert_eq!(tier("api", "reviews.shop.svc.cluster.local"), Some(Tier::Service));
+    assert_eq!(tier("web", "ratings.shop.svc.cluster.local"), Some(Tier::Root));
 }
 
 #[test]
