@@ -72,10 +72,9 @@ pub struct Observed {
 #[derive(Debug, Default)]
 struct Inner {
     /// By the hash of each key's borrowed form ([`KeyRef`]), so a request of a flow already here
-    /// allocates nothing (three strings per request before, about 700 of the 1,400 instructions
-    /// this cost an L7 request); keys whose hashes collide share a bucket. foldhash, seeded per
-    /// process: SipHash cost about 10,000 instructions a request (callgrind); the table is capped
-    /// at `MAX_FLOWS` keys, so colliding keys cannot grow it.
+    /// allocates nothing (it built three strings before); keys whose hashes collide share a
+    /// bucket. foldhash, seeded per process: SipHash cost about 10,000 instructions a request
+    /// (callgrind); the table is capped at `MAX_FLOWS` keys, so colliding keys cannot grow it.
     flows: HashMap<u64, Vec<(Key, Stats)>, foldhash::fast::RandomState>,
     hasher: foldhash::fast::RandomState,
     keys: usize,

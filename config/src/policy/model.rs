@@ -1,7 +1,7 @@
 //! Istio's security resources as they appear in YAML (security.istio.io and networking.istio.io,
 //! v1 and v1beta1): `PeerAuthentication`, `AuthorizationPolicy`, `RequestAuthentication`, and the
-//! TLS and connection-pool parts of `DestinationRule`. Unknown fields are errors; strings that need checking are `Spanned` so a
-//! semantic error can still name its line.
+//! TLS and connection-pool parts of `DestinationRule`. Unknown fields are errors; strings that need
+//! checking are `Spanned` so a semantic error can still name its line.
 
 use std::collections::BTreeMap;
 
