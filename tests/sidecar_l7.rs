@@ -394,11 +394,7 @@ async fn a_pooled_connection_is_not_reused_once_a_destination_rule_expects_anoth
     let pki = Pki::new();
     let mesh = L7Mesh::start(&pki, "", Protocol::Http, Protocol::Http).await;
     let dir = policy_dir("");
-    let mut cfg = config(productpage(&pki, mesh.server.inbound(9080), vec![], Some(dir.path().to_owned())));
-    cfg.outbound[0].protocol = Some(Protocol::Http);
-    cfg.outbound[0].host = Some("details.default.svc.cluster.local".into());
-    cfg.outbound[0].port = Some(9080);
-    let client = start(cfg).await;
+    let client = productpage_to_details(&pki, mesh.server.inbound(9080), dir.path()).await;
     let out = client.addrs.outbound[0];
     let h1 = h1_client();
     for i in 0..3 {
@@ -407,15 +403,8 @@ async fn a_pooled_connection_is_not_reused_once_a_destination_rule_expects_anoth
     let opened = "keycard_upstream_connections_opened_total{protocol=\"http/1.1\",upstream=\"";
     let opened = format!("{opened}{}\"}}", mesh.server.inbound(9080));
     assert_eq!(client.metric(&opened), 1.0, "{}", client.metrics());
-    let reloads = |r: &Running| r.metric("keycard_policy_reloads_total{result=\"success\"}");
-    let before = reloads(&client);
     let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: details, namespace: default}\nspec:\n  host: details.default.svc.cluster.local\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\"]}\n";
-    std::fs::write(dir.path().join("policy.yaml"), rule).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while reloads(&client) <= before {
-        assert!(std::time::Instant::now() < deadline, "the DestinationRule was never loaded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    replace_policy(&client, dir.path(), rule).await;
     let after = call(&h1, out, "GET", "/after", &[]).await;
     assert_eq!(after.status, 503, "the pooled connection to details carried it: {}", after.body);
     assert_eq!(
@@ -440,11 +429,7 @@ async fn a_destination_rules_h2_upgrade_policy_chooses_how_http1_requests_travel
         )
     };
     let dir = policy_dir(&rule("UPGRADE"));
-    let mut cfg = config(productpage(&pki, mesh.server.inbound(9080), vec![], Some(dir.path().to_owned())));
-    cfg.outbound[0].protocol = Some(Protocol::Http);
-    cfg.outbound[0].host = Some("details.default.svc.cluster.local".into());
-    cfg.outbound[0].port = Some(9080);
-    let client = start(cfg).await;
+    let client = productpage_to_details(&pki, mesh.server.inbound(9080), dir.path()).await;
     let out = client.addrs.outbound[0];
     let opened = |proto: &str| {
         client.metric(&format!(
@@ -475,14 +460,7 @@ async fn a_destination_rules_h2_upgrade_policy_chooses_how_http1_requests_travel
     };
     assert_eq!(route().await, (Some("default/details".into()), Some(true), "ISTIO_MUTUAL".into()));
 
-    let reloads = |r: &Running| r.metric("keycard_policy_reloads_total{result=\"success\"}");
-    let before = reloads(&client);
-    std::fs::write(dir.path().join("policy.yaml"), rule("DO_NOT_UPGRADE")).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while reloads(&client) <= before {
-        assert!(std::time::Instant::now() < deadline, "the DestinationRule was never reloaded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    replace_policy(&client, dir.path(), &rule("DO_NOT_UPGRADE")).await;
     for i in 0..4 {
         let a = call(&h1, out, "GET", &format!("/as-sent/{i}"), &[]).await;
         assert_eq!((a.status, field(&a.body, "version")), (200, Some("HTTP/1.1")), "{}", a.body);

@@ -57,16 +57,24 @@ pub struct CheckArgs {
     output: Output,
 }
 
+/// The workload whose sidecar decides.
+#[derive(Debug, Args)]
+pub struct WorkloadArgs {
+    /// The workload, `NAMESPACE/NAME` (NAME as in its manifest, or its service account).
+    #[arg(long)]
+    pub workload: String,
+    /// The workload's pod labels (`k=v,k=v`); default: from its manifest or sidecar config.
+    #[arg(long, value_parser = parse_labels)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
     #[command(flatten)]
     sources: Sources,
-    /// The destination workload, `NAMESPACE/NAME` (NAME as in its manifest, or its service account).
-    #[arg(long)]
-    workload: String,
-    /// The workload's pod labels (`k=v,k=v`); default: from its manifest or sidecar config.
-    #[arg(long, value_parser = parse_labels)]
-    labels: Option<BTreeMap<String, String>>,
+    /// The destination workload.
+    #[command(flatten)]
+    target: WorkloadArgs,
     /// The caller's verified identity (a mutual-TLS peer).
     #[arg(long, conflicts_with = "plaintext", required_unless_present = "plaintext")]
     from: Option<SpiffeId>,
@@ -128,12 +136,11 @@ pub struct Inputs {
 /// labels (`--labels`, else the known workload's).
 pub fn workload<'a>(
     inputs: &'a Inputs,
-    workload: &'a str,
-    labels: Option<&BTreeMap<String, String>>,
+    target: &'a WorkloadArgs,
 ) -> anyhow::Result<(&'a str, Option<&'a KnownWorkload>, BTreeMap<String, String>)> {
-    let (ns, name) = workload.split_once('/').context("--workload must be NAMESPACE/NAME")?;
+    let (ns, name) = target.workload.split_once('/').context("--workload must be NAMESPACE/NAME")?;
     let found = inputs.workloads.iter().find(|w| w.namespace == ns && w.name == name);
-    let labels = match (labels, found) {
+    let labels = match (&target.labels, found) {
         (Some(l), _) => l.clone(),
         (None, Some(w)) => w.labels.clone(),
         (None, None) => BTreeMap::new(),
@@ -332,7 +339,7 @@ fn explain_cmd(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = inputs.errors.first() {
         bail!("{e} (fix the policy files first: `keycard policy check`)");
     }
-    let (ns, found, labels) = workload(&inputs, &args.workload, args.labels.as_ref())?;
+    let (ns, found, labels) = workload(&inputs, &args.target)?;
     let known_http = found
         .and_then(|w| w.ports.iter().find(|(p, _)| *p == args.port))
         .is_some_and(|(_, proto)| proto.is_http());
@@ -360,7 +367,7 @@ fn explain_cmd(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     let protocol = if http { "http" } else { "tcp" };
     match args.output {
         Output::Json => print_json(&ExplainReport {
-            workload: args.workload.clone(),
+            workload: args.target.workload.clone(),
             labels: &labels,
             port: args.port,
             protocol,
@@ -412,8 +419,8 @@ fn print_explanation(
     } else {
         labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
     };
-    let how = if known || args.labels.is_some() { "" } else { " (not among the known workloads)" };
-    println!("workload   {}{how}  labels: {labels_text}", args.workload);
+    let how = if known || args.target.labels.is_some() { "" } else { " (not among the known workloads)" };
+    println!("workload   {}{how}  labels: {labels_text}", args.target.workload);
     match http {
         Some(h) => println!(
             "request    {source} -> port {} {protocol}: {} {}{}",
@@ -447,7 +454,7 @@ fn print_explanation(
     println!("decision   {} ({})", e.summary, e.reason);
 }
 
-pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     s.split(',').filter(|p| !p.is_empty()).map(parse_pair).collect()
 }
 

@@ -10,19 +10,16 @@ use clap::Args;
 use keycard_config::policy::{DestPool, DestTls, Destination, Tier};
 use serde::Serialize;
 
-use super::policy::{Sources, parse_labels, read_inputs, workload};
+use super::policy::{Sources, WorkloadArgs, read_inputs, workload};
 use super::{Output, print_json};
 
 #[derive(Debug, Args)]
 pub struct RouteArgs {
     #[command(flatten)]
     sources: Sources,
-    /// The calling workload, `NAMESPACE/NAME` (NAME as in its manifest, or its service account).
-    #[arg(long)]
-    workload: String,
-    /// The workload's pod labels (`k=v,k=v`); default: from its manifest or sidecar config.
-    #[arg(long, value_parser = parse_labels)]
-    labels: Option<BTreeMap<String, String>>,
+    /// The calling workload.
+    #[command(flatten)]
+    target: WorkloadArgs,
     /// The destination's whole host name, as the sidecar's upstream names it
     /// (`details.default.svc.cluster.local`).
     #[arg(long)]
@@ -61,12 +58,12 @@ pub fn run(args: &RouteArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = inputs.errors.first() {
         bail!("{e} (fix the policy files first: `keycard policy check`)");
     }
-    let (ns, _, labels) = workload(&inputs, &args.workload, args.labels.as_ref())?;
+    let (ns, _, labels) = workload(&inputs, &args.target)?;
     let policy = inputs.set.for_workload(&args.sources.root_namespace, ns, &labels);
     let dest = policy.destinations.lookup(&args.host, args.port);
     match args.output {
         Output::Json => print_json(&RouteReport {
-            workload: &args.workload,
+            workload: &args.target.workload,
             labels: &labels,
             host: &args.host,
             port: args.port,
@@ -92,7 +89,7 @@ fn print_route(args: &RouteArgs, labels: &BTreeMap<String, String>, dest: Option
     } else {
         labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
     };
-    println!("workload   {}  labels: {labels_text}", args.workload);
+    println!("workload   {}  labels: {labels_text}", args.target.workload);
     println!("upstream   {}:{}", args.host, args.port);
     let Some(d) = dest else {
         println!("rule       none applies: ISTIO_MUTUAL to any mesh identity, the sidecar's own settings");

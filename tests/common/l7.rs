@@ -218,6 +218,29 @@ pub fn productpage(
     }
 }
 
+/// productpage's sidecar with one HTTP upstream, `details.default.svc.cluster.local:9080` at
+/// `remote`, reading its Istio policy from `policy` (a directory the test rewrites).
+pub async fn productpage_to_details(pki: &Pki, remote: SocketAddr, policy: &std::path::Path) -> Running {
+    let mut cfg = super::mesh::config(productpage(pki, remote, vec![], Some(policy.to_owned())));
+    cfg.outbound[0].protocol = Some(Protocol::Http);
+    cfg.outbound[0].host = Some("details.default.svc.cluster.local".into());
+    cfg.outbound[0].port = Some(9080);
+    start(cfg).await
+}
+
+/// Writes `text` as the only policy file of `dir` and waits (up to 10 s) until `sidecar` has
+/// loaded it.
+pub async fn replace_policy(sidecar: &Running, dir: &std::path::Path, text: &str) {
+    let reloads = || sidecar.metric("keycard_policy_reloads_total{result=\"success\"}");
+    let before = reloads();
+    std::fs::write(dir.join("policy.yaml"), text).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reloads() <= before {
+        assert!(std::time::Instant::now() < deadline, "the new policy was never loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// POSTs 8 MiB to the app's `/echo` through `out` and checks that all of it came back.
 pub async fn echoes_8_mib(client: &HttpClient, out: SocketAddr) {
     let big = vec![b'k'; 8 << 20];
