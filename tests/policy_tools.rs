@@ -50,6 +50,7 @@ fn each_footgun_is_reported_with_its_code_file_and_line_and_warnings_exit_3() {
         ("kc104-selector.yaml", &[("KC104", 5)]),
         ("kc105-shadowed.yaml", &[("KC105", 13), ("KC105", 27)]),
         ("kc106-root-selector.yaml", &[("KC106", 5)]),
+        ("kc109-port-level-tls.yaml", &[("KC109", 6), ("KC104", 28)]),
     ];
     for (file, want) in cases {
         let path = format!("{DATA}/{file}");

@@ -114,9 +114,7 @@ fn print_route(args: &RouteArgs, labels: &BTreeMap<String, String>, dest: Option
                 t.subject_alt_names.join(", ")
             };
             let sni = t.sni.as_deref().map(|s| format!(", SNI {s}")).unwrap_or_default();
-            let mode = serde_json::to_value(t.mode).ok();
-            let mode = mode.as_ref().and_then(|m| m.as_str()).unwrap_or("?");
-            println!("tls        {mode}: {sans}{sni}");
+            println!("tls        {}: {sans}{sni}", t.mode.as_str());
         }
         None if d.port_level => println!(
             "tls        not set for the port, whose settings replace the host's whole: ISTIO_MUTUAL to any mesh identity"

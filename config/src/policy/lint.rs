@@ -12,6 +12,7 @@
 //! | KC106 | a root-namespace PeerAuthentication with a selector: it is not mesh-wide |
 //! | KC107 | a field accepted but not acted on (traffic management in a DestinationRule, ...) |
 //! | KC108 | a resource keycard does not read (info) |
+//! | KC109 | a DestinationRule port level without `tls` under a host-wide `tls`: that port gets the default, not the host's (port levels do not inherit) |
 
 use std::collections::BTreeMap;
 
@@ -20,7 +21,7 @@ use serde::Serialize;
 use super::authz::{Action, AuthzPolicy, ConditionKey, Pattern, Rule, rule_has_http_fields};
 use super::model::MtlsMode;
 use super::peerauth::{PeerAuth, ResolvedPeerAuth, selects};
-use super::{Origin, PolicySet};
+use super::{DestRule, Origin, PolicySet};
 use crate::sidecar::Protocol;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -90,6 +91,43 @@ impl Lint<'_> {
                 let what = format!("RequestAuthentication {}/{}", r.namespace, r.name);
                 self.selector_matches_something(&r.namespace, sel, &r.origin, &what);
             }
+        }
+        for r in &self.set.dest_rules {
+            self.dest_rule(r);
+        }
+    }
+
+    /// KC104 for a DestinationRule's selector (which reaches only its own namespace, the root
+    /// namespace's too), and KC109.
+    fn dest_rule(&mut self, r: &DestRule) {
+        let what = format!("DestinationRule {}/{}", r.namespace, r.name);
+        if let Some(sel) = &r.selector
+            && !self.workloads.is_empty()
+            && !self.workloads.iter().any(|w| w.namespace == r.namespace && selects(sel, &w.labels))
+        {
+            let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let msg = format!(
+                "selector {} matches none of the {} known workloads in namespace {} (a DestinationRule's selector reaches no other namespace)",
+                labels.join(","),
+                self.workloads.iter().filter(|w| w.namespace == r.namespace).count(),
+                r.namespace
+            );
+            self.push("KC104", Severity::Warning, &r.origin, &what, msg);
+        }
+        let Some(host_tls) = r.levels.iter().find(|l| l.port.is_none()).and_then(|l| l.tls.as_ref()) else {
+            return;
+        };
+        for port in r.levels.iter().filter(|l| l.tls.is_none()).filter_map(|l| l.port) {
+            let mode = host_tls.mode.as_str();
+            let sans = if host_tls.subject_alt_names.is_empty() {
+                String::new()
+            } else {
+                format!(" with subjectAltNames {}", host_tls.subject_alt_names.join(", "))
+            };
+            let msg = format!(
+                "portLevelSettings for port {port} set no tls: that port gets the default (ISTIO_MUTUAL, any mesh identity), not the host-wide {mode}{sans}, because a port's settings replace the host's whole; repeat the tls under the port"
+            );
+            self.push("KC109", Severity::Warning, &r.origin, &what, msg);
         }
     }
 

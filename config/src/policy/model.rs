@@ -437,3 +437,15 @@ pub enum ClientTlsMode {
     #[default]
     IstioMutual,
 }
+
+impl ClientTlsMode {
+    /// As Istio's YAML spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "DISABLE",
+            Self::Simple => "SIMPLE",
+            Self::Mutual => "MUTUAL",
+            Self::IstioMutual => "ISTIO_MUTUAL",
+        }
+    }
+}
