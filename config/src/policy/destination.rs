@@ -164,9 +164,11 @@ impl Destinations {
         Self { namespace: namespace.to_owned(), root_namespace: root_ns.to_owned(), rules }
     }
 
-    /// The rule for `host` (a whole name) and what it says for `port`; `None` where no rule
-    /// applies.
+    /// The rule for `host` and what it says for `port`; `None` where no rule applies. A short
+    /// host is the service of that name in the workload's namespace, as its DNS search path makes
+    /// it.
     pub fn lookup(&self, host: &str, port: u16) -> Option<Destination<'_>> {
+        let host = &resolve_host(host, &self.namespace);
         let tiers = [
             (Some(self.namespace.as_str()), Tier::Workload),
             (service_namespace(host), Tier::Service),

@@ -240,6 +240,8 @@ fn destination_rules_are_chosen_by_namespace_host_and_selector_as_istio_chooses(
     assert_eq!(tier("web", "reviews.shop.svc.cluster.local"), Some(Tier::Workload));
     assert_eq!(tier("api", "reviews.shop.svc.cluster.local"), Some(Tier::Service));
     assert_eq!(tier("web", "ratings.shop.svc.cluster.local"), Some(Tier::Root));
+    // An upstream named by a short host is its own namespace's service.
+    assert_eq!(chosen("shop", "x", "reviews").as_deref(), Some("reviews-shop"));
 }
 
 #[test]
