@@ -169,6 +169,30 @@ limits: {{watch_interval: 100ms}}
     assert!(s["certificate"]["expires_in_seconds"].as_i64().unwrap() > 3000);
     let text = String::from_utf8(kc(args(&["status", "--admin", &admin])).await.stdout).unwrap();
     assert!(text.contains("STRICT?   no: 1 source(s) sent plaintext"), "{text}");
+    // A caller's status shows its upstreams' routes: no DestinationRule, mutual TLS to details.
+    let pp_admin = pp.addrs.admin.to_string();
+    let s = json(&kc(args(&["status", "--admin", &pp_admin, "-o", "json"])).await);
+    let routes: Vec<(&str, &str, &str)> = s["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let expected = r["expected_identities"][0].as_str().unwrap();
+            (r["remote"].as_str().unwrap(), r["tls_mode"].as_str().unwrap(), expected)
+        })
+        .collect();
+    let (http_remote, tcp_remote) = (http_in.to_string(), tcp_in.to_string());
+    assert_eq!(
+        routes,
+        [(http_remote.as_str(), "ISTIO_MUTUAL", DETAILS), (tcp_remote.as_str(), "ISTIO_MUTUAL", DETAILS)]
+    );
+    let text = String::from_utf8(kc(args(&["status", "--admin", &pp_admin])).await.stdout).unwrap();
+    assert!(
+        text.contains(&format!(
+            "          {http_in}: rule none, ISTIO_MUTUAL to {DETAILS}, h2 upgrade no, connect within 5000 ms"
+        )),
+        "{text}"
+    );
 
     // certs: the chain the sidecar serves is the one on disk.
     let c = json(&kc(args(&["certs", "--admin", &admin, "-o", "json"])).await);

@@ -196,6 +196,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             "ports": ports,
             "sources": sources,
             "safe_to_go_strict": verdict,
+            "upstreams": dump["routes"],
             "handshake_failures": recent_failures,
             "dropped_flows": traffic["dropped"],
         }))?;
@@ -250,6 +251,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     for p in &verdict.plaintext_sources {
         println!("          still plaintext: {p}");
     }
+    print_upstreams(&dump["routes"]);
     println!("failures  (recent handshake failures, newest first)");
     if recent_failures.is_empty() {
         println!("          none");
@@ -265,6 +267,31 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each upstream's route in force (`/config_dump`'s `routes`): the DestinationRule behind it and
+/// what it decided.
+fn print_upstreams(routes: &Value) {
+    let routes = routes.as_array().map(Vec::as_slice).unwrap_or_default();
+    if routes.is_empty() {
+        return;
+    }
+    println!("upstreams (the route in force; `keycard policy route` explains the rule's choice)");
+    for r in routes {
+        let host = r["host"].as_str().map(|h| format!(" ({h})")).unwrap_or_default();
+        let expects = match r["expected_identities"].as_array().map(Vec::as_slice) {
+            Some([]) | None => "any mesh identity".to_owned(),
+            Some(ids) => ids.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "),
+        };
+        println!(
+            "          {}{host}: rule {}, {} to {expects}, h2 upgrade {}, connect within {} ms",
+            r["remote"].as_str().unwrap_or("?"),
+            r["destination_rule"].as_str().unwrap_or("none"),
+            r["tls_mode"].as_str().unwrap_or("?"),
+            if r["h2_upgrade"] == true { "yes" } else { "no" },
+            r["connect_timeout_ms"],
+        );
+    }
 }
 
 fn recent_plaintext_refusals(failures: &Value) -> usize {
