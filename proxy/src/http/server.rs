@@ -125,7 +125,11 @@ where
         // The first bytes say HTTP/2 (its preface) or HTTP/1; they are replayed to hyper. Read,
         // not waited for: after a TLS handshake they may already sit decrypted in rustls.
         let sniffed = Box::pin(async {
+            // The read first: where a connection's first bytes are there already, the drain's
+            // tokens are never polled, so never registered with (and removed from) their waiter
+            // lists under their locks (a new L7 client connection: -440 instructions, callgrind).
             tokio::select! {
+                biased;
                 s = sniff::read(&mut inner, idle) => s,
                 () = stopping.cancelled() => Sniffed::Timeout,
                 () = kill.cancelled() => Sniffed::Timeout,
