@@ -203,10 +203,9 @@ impl Observed {
     fn add(&self, key: &KeyRef<'_>) {
         let now = now();
         let Ok(mut inner) = self.inner.lock() else { return };
-        let inner = &mut *inner;
         let hash = inner.hasher.hash_one(key);
-        let bucket = inner.flows.entry(hash).or_default();
-        if let Some((_, stats)) = bucket.iter_mut().find(|(k, _)| key.matches(k)) {
+        let seen = inner.flows.get_mut(&hash).and_then(|b| b.iter_mut().find(|(k, _)| key.matches(k)));
+        if let Some((_, stats)) = seen {
             stats.bump(now);
         } else if inner.keys >= MAX_FLOWS {
             inner.dropped += 1;
@@ -214,11 +213,8 @@ impl Observed {
             let mut stats =
                 Stats { total: 0, first_seen: now, last_seen: now, minutes: [(0, 0); WINDOW_MINUTES] };
             stats.bump(now);
-            bucket.push((key.to_key(), stats));
+            inner.flows.entry(hash).or_default().push((key.to_key(), stats));
             inner.keys += 1;
-        }
-        if bucket.is_empty() {
-            inner.flows.remove(&hash);
         }
     }
 

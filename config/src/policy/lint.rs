@@ -61,6 +61,15 @@ pub fn lint(set: &PolicySet, root_ns: &str, workloads: &[KnownWorkload]) -> Vec<
     out
 }
 
+/// Which workloads a selector can select.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Its own namespace's; from the root namespace, the whole mesh's (security policies).
+    MeshFromRoot,
+    /// Its own namespace's only (DestinationRules).
+    OwnNamespace,
+}
+
 struct Lint<'a> {
     set: &'a PolicySet,
     root_ns: &'a str,
@@ -89,7 +98,7 @@ impl Lint<'_> {
         for r in &self.set.request_authn {
             if let Some(sel) = &r.selector {
                 let what = format!("RequestAuthentication {}/{}", r.namespace, r.name);
-                self.selector_matches_something(&r.namespace, sel, &r.origin, &what);
+                self.selector_matches_in(&r.namespace, sel, &r.origin, &what, Reach::MeshFromRoot);
             }
         }
         for r in &self.set.dest_rules {
@@ -97,35 +106,26 @@ impl Lint<'_> {
         }
     }
 
-    /// KC104 for a DestinationRule's selector (which reaches only its own namespace, the root
-    /// namespace's too), and KC109.
+    /// KC104 for a DestinationRule's selector, and KC109.
     fn dest_rule(&mut self, r: &DestRule) {
         let what = format!("DestinationRule {}/{}", r.namespace, r.name);
-        if let Some(sel) = &r.selector
-            && !self.workloads.is_empty()
-            && !self.workloads.iter().any(|w| w.namespace == r.namespace && selects(sel, &w.labels))
-        {
-            let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let msg = format!(
-                "selector {} matches none of the {} known workloads in namespace {} (a DestinationRule's selector reaches no other namespace)",
-                labels.join(","),
-                self.workloads.iter().filter(|w| w.namespace == r.namespace).count(),
-                r.namespace
-            );
-            self.push("KC104", Severity::Warning, &r.origin, &what, msg);
+        if let Some(sel) = &r.selector {
+            // A DestinationRule's selector reaches no other namespace, the root namespace's
+            // included.
+            self.selector_matches_in(&r.namespace, sel, &r.origin, &what, Reach::OwnNamespace);
         }
         let Some(host_tls) = r.levels.iter().find(|l| l.port.is_none()).and_then(|l| l.tls.as_ref()) else {
             return;
         };
+        let sans = if host_tls.subject_alt_names.is_empty() {
+            String::new()
+        } else {
+            format!(" with subjectAltNames {}", host_tls.subject_alt_names.join(", "))
+        };
         for port in r.levels.iter().filter(|l| l.tls.is_none()).filter_map(|l| l.port) {
-            let mode = host_tls.mode.as_str();
-            let sans = if host_tls.subject_alt_names.is_empty() {
-                String::new()
-            } else {
-                format!(" with subjectAltNames {}", host_tls.subject_alt_names.join(", "))
-            };
             let msg = format!(
-                "portLevelSettings for port {port} set no tls: that port gets the default (ISTIO_MUTUAL, any mesh identity), not the host-wide {mode}{sans}, because a port's settings replace the host's whole; repeat the tls under the port"
+                "portLevelSettings for port {port} set no tls: that port gets the default (ISTIO_MUTUAL, any mesh identity), not the host-wide {}{sans}, because a port's settings replace the host's whole; repeat the tls under the port",
+                host_tls.mode.as_str()
             );
             self.push("KC109", Severity::Warning, &r.origin, &what, msg);
         }
@@ -158,7 +158,7 @@ impl Lint<'_> {
             self.push("KC106", Severity::Warning, &p.origin, &what, msg);
         }
         if let Some(sel) = &p.selector {
-            self.selector_matches_something(&p.namespace, sel, &p.origin, &what);
+            self.selector_matches_in(&p.namespace, sel, &p.origin, &what, Reach::MeshFromRoot);
         }
         let older = self.set.peer_auth.iter().find(|o| {
             o.namespace == p.namespace
@@ -177,7 +177,7 @@ impl Lint<'_> {
     fn authz(&mut self, p: &AuthzPolicy) {
         let what = format!("AuthorizationPolicy {}/{}", p.namespace, p.name);
         if let Some(sel) = &p.selector {
-            self.selector_matches_something(&p.namespace, sel, &p.origin, &what);
+            self.selector_matches_in(&p.namespace, sel, &p.origin, &what, Reach::MeshFromRoot);
         }
         for (i, rule) in p.rules.iter().enumerate() {
             for prefix in principal_prefixes(rule) {
@@ -198,24 +198,35 @@ impl Lint<'_> {
         self.shadowed(p, &what);
     }
 
-    fn selector_matches_something(
+    /// KC104: `sel`, of a resource in `ns`, selects none of the known workloads it can reach.
+    fn selector_matches_in(
         &mut self,
         ns: &str,
         sel: &BTreeMap<String, String>,
         origin: &Origin,
         what: &str,
+        reach: Reach,
     ) {
-        if self.workloads.is_empty()
-            || self.workloads.iter().any(|w| self.in_scope(ns, w) && selects(sel, &w.labels))
+        let mesh = reach == Reach::MeshFromRoot && ns == self.root_ns;
+        let in_scope = |w: &KnownWorkload| match reach {
+            Reach::MeshFromRoot => self.in_scope(ns, w),
+            Reach::OwnNamespace => w.namespace == ns,
+        };
+        if self.workloads.is_empty() || self.workloads.iter().any(|w| in_scope(w) && selects(sel, &w.labels))
         {
             return;
         }
         let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let msg = format!(
-            "selector {} matches none of the {} known workloads in {}",
+            "selector {} matches none of the {} known workloads in {}{}",
             labels.join(","),
-            self.workloads.iter().filter(|w| self.in_scope(ns, w)).count(),
-            if ns == self.root_ns { "the mesh".to_owned() } else { format!("namespace {ns}") }
+            self.workloads.iter().filter(|w| in_scope(w)).count(),
+            if mesh { "the mesh".to_owned() } else { format!("namespace {ns}") },
+            if reach == Reach::OwnNamespace {
+                " (a DestinationRule's selector reaches no other namespace)"
+            } else {
+                ""
+            }
         );
         self.push("KC104", Severity::Warning, origin, what, msg);
     }
