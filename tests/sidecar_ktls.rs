@@ -2,12 +2,14 @@
 //! handshake where it offers the `tls` module, stay with rustls where it does not or where
 //! `tls.kernel_offload: off`, and carry the same bytes either way. This build machine's kernel
 //! has no `tls` module; `tests/vm/ktls.sh` runs this file under a Debian kernel that has it, with
-//! `KEYCARD_REQUIRE_KTLS=1` so that a fallback there fails instead of passing.
+//! `KEYCARD_REQUIRE_KTLS=1` so that a fallback there fails instead of passing. HTTP connections
+//! between the sidecars move too: hyper then reads and writes plaintext through the kernel.
 
 mod common;
 
 use std::time::Duration;
 
+use common::l7::*;
 use common::mesh::*;
 use keycard_config::sidecar::{KernelOffload, Protocol};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -186,4 +188,37 @@ async fn bytes_read_to_detect_the_protocol_are_delivered_before_the_kernels() {
     assert_eq!(metric_sum(&m, "keycard_http_connections_total", &[]), 0.0, "served as TCP: {m}");
     pair.client.shutdown().await;
     pair.server.shutdown().await;
+}
+
+/// HTTP between the sidecars: each mesh connection the inbound sidecar serves as HTTP goes to the
+/// kernel after its handshake where it offers TLS, each pooled connection of the outbound
+/// sidecar once the server's tickets are in, and hyper runs both ends through the kernel:
+/// HTTP/1.1 and HTTP/2 requests, 8 MiB bodies both ways, keep-alive across requests, and the
+/// pooled connections' close_notify when the client sidecar stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_between_sidecars_is_served_on_kernel_tls_where_it_is_offered() {
+    let expected = expected_with_auto();
+    let pki = Pki::new();
+    let mesh = L7Mesh::start(&pki, STRICT, Protocol::Http, Protocol::Http).await;
+    for client in [h1_client(), h2c_client()] {
+        for i in 0..20 {
+            let a = call(&client, mesh.outbound(), "GET", &format!("/items/{i}"), &[]).await;
+            assert_eq!(a.status, 200, "{}", a.body);
+            assert_eq!(field(&a.body, "target"), Some(format!("/items/{i}").as_str()), "{}", a.body);
+        }
+        echoes_8_mib(&client, mesh.outbound()).await;
+    }
+    let m = mesh.server.metrics();
+    let served = metric_sum(&m, "keycard_http_connections_total", &["direction=\"inbound\""]);
+    assert!(served >= 2.0, "one pooled connection per protocol at least: {m}");
+    assert_eq!(offloads(&mesh.server, "inbound", expected), served, "{m}");
+    let requests = metric_sum(&m, "istio_requests_total", &["response_code=\"200\""]);
+    assert_eq!(requests, 42.0, "{m}");
+    assert_eq!(metric_sum(&m, "keycard_handshake_failures_total", &[]), 0.0, "{m}");
+    // The client's pooled connections move once the server's tickets (or first answer) came.
+    let c = mesh.client.metrics();
+    let opened = metric_sum(&c, "keycard_upstream_connections_opened_total", &[]);
+    assert!(opened >= 2.0, "{c}");
+    assert_eq!(offloads(&mesh.client, "outbound", expected), opened, "{c}");
+    mesh.shutdown().await;
 }

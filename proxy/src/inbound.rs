@@ -10,6 +10,7 @@ use keycard_config::policy::model::MtlsMode;
 use keycard_config::sidecar::{InboundPort, Protocol};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
@@ -20,6 +21,7 @@ use crate::forward::{self, Leg, Legs};
 use crate::http::headers::xfcc_element;
 use crate::http::inbound::{InboundHttp, Peer};
 use crate::http::sniff::{self, Rewind, Sniffed};
+use crate::ktls::{KernelStream, Offloaded};
 use crate::metrics::with_flags;
 use crate::sidecar::{Direction, Serving, Shared, TcpCounters};
 use crate::tls::{MESH_ALPNS, peer_identity};
@@ -58,8 +60,8 @@ impl PortHandler {
             Ready::Http(conn, peer) => {
                 let http = self.http.clone()?;
                 Some(match conn {
-                    Downstream::Plain(tcp) => Box::pin(http.serve_conn(tcp, peer)),
-                    Downstream::Tls(stream) => Box::pin(http.serve_conn(stream, peer)),
+                    HttpConn::Plain(tcp) => Box::pin(http.serve_conn(tcp, peer)),
+                    HttpConn::Mesh(stream) => Box::pin(http.serve_conn(stream, peer)),
                 })
             }
         }
@@ -88,7 +90,7 @@ enum Ready {
     /// Refused or failed (logged and counted).
     Done,
     /// HTTP, served per request.
-    Http(Downstream, Peer),
+    Http(HttpConn, Peer),
     /// Allowed to the app, whose leg is open.
     App(ToApp),
 }
@@ -145,7 +147,7 @@ async fn set_up(
         shared.observed.connection(port.port, None, peer.ip());
         if http && plaintext_is_http(shared, port, &tcp).await {
             let peer = Peer { addr: peer, local, identity: None, xfcc: None, sni: None };
-            return Ready::Http(Downstream::Plain(tcp), peer);
+            return Ready::Http(HttpConn::Plain(tcp), peer);
         }
         let facts = ConnFacts {
             source_ip: peer.ip(),
@@ -170,13 +172,9 @@ async fn set_up(
     // The stream goes to the heap once, here: every later state (sniffing, HTTP, forwarding)
     // holds a pointer to it rather than a slot of its size.
     let deadline = limits.handshake_timeout;
-    // A connection that may stay L4 is read record by record while rustls does its handshake,
-    // so that the kernel can take it after (crate::ktls).
-    let io = if (!http || port.protocol() == Protocol::Auto) && shared.may_offload() {
-        ReadAhead::record_exact(tcp)
-    } else {
-        ReadAhead::new(tcp)
-    };
+    // Read record by record while rustls does its handshake, so that the kernel can take the
+    // connection after (crate::ktls), L4 or HTTP.
+    let io = if shared.may_offload() { ReadAhead::record_exact(tcp) } else { ReadAhead::new(tcp) };
     let mut stream =
         Box::new(Rewind::new(match Box::pin(tokio::time::timeout(deadline, acceptor.accept(io))).await {
             Ok(Ok(s)) => s,
@@ -213,9 +211,15 @@ async fn set_up(
             _ => true,
         };
         if is_http {
-            stream.get_mut().get_mut().0.read_ahead_again();
+            let Some(stream) = offer_to_kernel(shared, peer, stream) else {
+                return Ready::Done;
+            };
+            let stream = match stream {
+                Either::Left(rustls) => Either::Left(rustls),
+                Either::Right(kernel) => Either::Right(KernelStream::new(kernel)),
+            };
             let peer = Peer { addr: peer, local, identity: principal, xfcc, sni };
-            return Ready::Http(Downstream::Tls(stream), peer);
+            return Ready::Http(HttpConn::Mesh(stream), peer);
         }
     }
     let facts = ConnFacts {
@@ -257,6 +261,35 @@ enum Downstream {
     Tls(MeshStream),
 }
 
+/// An HTTP downstream connection: plaintext, or mutual TLS with rustls or the kernel's TLS.
+enum HttpConn {
+    Plain(TcpStream),
+    Mesh(Either<MeshStream, KernelStream>),
+}
+
+/// Offers a handshaken mesh stream to kernel TLS and counts the outcome: the kernel's, or
+/// rustls' (reading ahead again, with its sniffed bytes still to replay); `None` where the
+/// hand-over failed half-way and the connection is gone (logged as a refusal).
+fn offer_to_kernel(
+    shared: &Shared,
+    peer: SocketAddr,
+    stream: MeshStream,
+) -> Option<Either<MeshStream, Offloaded>> {
+    if !shared.may_offload() {
+        shared.count_no_offload(Direction::Inbound);
+        return Some(Either::Left(stream));
+    }
+    let (sniffed, tls) = stream.into_parts();
+    match shared.offload(Direction::Inbound, peer, tls, sniffed) {
+        Ok(kernel) => Some(Either::Right(kernel)),
+        Err(Some((mut tls, sniffed))) => {
+            tls.get_mut().0.read_ahead_again();
+            Some(Either::Left(Box::new(Rewind::replaying(sniffed, tls))))
+        }
+        Err(None) => None,
+    }
+}
+
 /// Authorizes a connection and connects to the app: the connection to forward, or `Done` when
 /// it was denied or the app could not be reached (logged and counted).
 async fn open_to_app(
@@ -291,25 +324,15 @@ async fn open_to_app(
     };
     let legs = match downstream {
         Downstream::Plain(tcp) => Legs::Spliced(Leg::plain(tcp), Leg::plain(app)),
-        Downstream::Tls(stream) if !shared.may_offload() => {
-            shared.count_no_offload(Direction::Inbound);
-            Legs::Copied(stream, app)
-        }
-        Downstream::Tls(stream) => {
-            let (sniffed, tls) = stream.into_parts();
-            match shared.offload(Direction::Inbound, peer, tls, sniffed) {
-                Ok(kernel) => Legs::Spliced(Leg::kernel_tls(kernel), Leg::plain(app)),
-                Err(Some((mut tls, sniffed))) => {
-                    tls.get_mut().0.read_ahead_again();
-                    Legs::Copied(Box::new(Rewind::replaying(sniffed, tls)), app)
-                }
-                Err(None) => {
-                    shared.refuse_tcp(&labels);
-                    event.log("allow", end_reason(forward::End::Error), "", 0, 0);
-                    return Ready::Done;
-                }
+        Downstream::Tls(stream) => match offer_to_kernel(shared, peer, stream) {
+            Some(Either::Right(kernel)) => Legs::Spliced(Leg::kernel_tls(kernel), Leg::plain(app)),
+            Some(Either::Left(stream)) => Legs::Copied(stream, app),
+            None => {
+                shared.refuse_tcp(&labels);
+                event.log("allow", end_reason(forward::End::Error), "", 0, 0);
+                return Ready::Done;
             }
-        }
+        },
     };
     let cancel = shared.drain.child_token();
     let facts = Arc::new(facts);

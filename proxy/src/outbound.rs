@@ -20,6 +20,7 @@ use crate::access::{Access, end_reason};
 use crate::buffers::ReadAhead;
 use crate::forward::{self, ConnectError, Leg, Legs};
 use crate::http::sniff::Sniffed;
+use crate::ktls::ClientStream;
 use crate::sidecar::{Direction, Serving, Shared, TcpCounters};
 use crate::tls::{MeshTls, OUTBOUND_ALPN, peer_identity};
 
@@ -339,15 +340,19 @@ async fn offload(
 
 /// Connects to a remote sidecar and completes mutual TLS with the mesh config from `cache`
 /// (whose ALPN tells the remote what the stream carries).
+/// The stream moves to kernel TLS by itself once the server's tickets are in, where the kernel
+/// takes it (`ktls::ClientStream`).
 pub async fn dial(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     remote: SocketAddr,
     route: &Route,
     cache: &ConfigCache,
-) -> Result<(TlsStream<ReadAhead<TcpStream>>, Option<SpiffeId>), DialError> {
+) -> Result<(ClientStream, Option<SpiffeId>), DialError> {
     let config = mesh_config(shared, route, cache)?;
     let tcp = connect(shared, route, remote).await?;
-    handshake(shared, remote, route, config, ReadAhead::new(tcp)).await
+    let io = if shared.may_offload() { ReadAhead::record_exact(tcp) } else { ReadAhead::new(tcp) };
+    let (tls, peer) = handshake(shared, remote, route, config, io).await?;
+    Ok((ClientStream::new(tls, shared, remote), peer))
 }
 
 /// The legs of an outbound connection: the app's, then the remote sidecar's.

@@ -130,7 +130,7 @@ impl Pool {
     /// one made for the route's identities waits idle.
     pub async fn send_h1(
         &self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         route: &Route,
         req: http::Request<Body>,
     ) -> Result<(http::Response<Incoming>, H1Lease), SendError<DialError>> {
@@ -142,7 +142,7 @@ impl Pool {
 
     async fn open_h1(
         &self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         route: &Route,
     ) -> Result<(http1::SendRequest<Body>, H1Conn), DialError> {
         let (stream, peer) = dial(shared, self.remote, route, &self.h1_tls).await?;
@@ -154,7 +154,7 @@ impl Pool {
     }
 
     /// A slot on a live connection, opening one when every connection is busy (or none is up).
-    pub async fn lease(&self, shared: &Shared, route: &Route) -> Result<Lease, DialError> {
+    pub async fn lease(&self, shared: &Arc<Shared>, route: &Route) -> Result<Lease, DialError> {
         if let Some(l) = self.pick(&route.expected, false) {
             return Ok(l);
         }
@@ -188,7 +188,7 @@ impl Pool {
         None
     }
 
-    async fn open(&self, shared: &Shared, route: &Route) -> Result<Arc<Conn>, DialError> {
+    async fn open(&self, shared: &Arc<Shared>, route: &Route) -> Result<Arc<Conn>, DialError> {
         let (stream, peer) = dial(shared, self.remote, route, &self.tls).await?;
         let (send, conn) = http2::Builder::new(super::SpawnBoxed)
             .timer(TokioTimer::new())

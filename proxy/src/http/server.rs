@@ -98,6 +98,27 @@ impl<S: Readiness> Readiness for tokio_rustls::server::TlsStream<S> {
     }
 }
 
+/// The kernel holds the plaintext it has not yet handed out: the socket's readiness is the
+/// stream's, once the bytes it carried over from rustls are delivered.
+impl Readiness for crate::ktls::KernelStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.holds_bytes() {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_ref().poll_read_ready(cx)
+    }
+}
+
+/// A mesh stream with rustls or with the kernel's TLS.
+impl<L: Readiness, R: Readiness> Readiness for tokio_util::either::Either<L, R> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            Self::Left(l) => l.poll_read_ready(cx),
+            Self::Right(r) => r.poll_read_ready(cx),
+        }
+    }
+}
+
 /// Serves `io` until it closes, `idle` passes with no bytes either way, `stopping` asks for a
 /// graceful close (in-flight requests finish), or `kill` ends it at once. Returns how many times
 /// the connection rested between HTTP/1.1 requests without hyper's state.

@@ -41,7 +41,12 @@ use tokio::net::TcpStream;
 
 use crate::buffers::ReadAhead;
 
+mod client;
 pub mod offer;
+mod stream;
+
+pub use client::ClientStream;
+pub use stream::KernelStream;
 
 /// Records one direction may send under one key before the connection is closed: below
 /// TLS 1.3's AES-GCM limit of 2^24.5 (RFC 8446 §5.5), which rustls would meet with a KeyUpdate.
@@ -469,22 +474,40 @@ fn classify(
         Err(e) => return Err(ControlError::Io(e)),
     };
     let body = &body[..n];
+    Ok(match record(kind, body)? {
+        Record::Data => Control::Data(body.to_vec()),
+        Record::CloseNotify => Control::CloseNotify,
+        Record::Skipped => Control::Skipped,
+    })
+}
+
+/// What a record read from a kernel-TLS socket is, by the type the kernel gave with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// Application data (or no type: a socket whose peer sent nothing else).
+    Data,
+    /// The peer's `close_notify`.
+    CloseNotify,
+    /// To drop: a `NewSessionTicket` or a `ChangeCipherSpec`.
+    Skipped,
+}
+
+fn record(kind: Option<TlsGetRecordType>, body: &[u8]) -> Result<Record, ControlError> {
     match kind {
-        // No type: plain data (a socket whose peer sent nothing but application data).
-        None | Some(TlsGetRecordType::ApplicationData) => Ok(Control::Data(body.to_vec())),
+        None | Some(TlsGetRecordType::ApplicationData) => Ok(Record::Data),
         Some(TlsGetRecordType::Alert) => match body.get(1) {
-            Some(0) => Ok(Control::CloseNotify),
+            Some(0) => Ok(Record::CloseNotify),
             Some(d) => Err(ControlError::Alert(*d)),
             None => Err(ControlError::Alert(255)),
         },
         Some(TlsGetRecordType::Handshake) => match body.first() {
             // NewSessionTicket.
-            Some(4) => Ok(Control::Skipped),
+            Some(4) => Ok(Record::Skipped),
             Some(24) => Err(ControlError::KeyUpdate),
             Some(t) => Err(ControlError::Handshake(*t)),
             None => Err(ControlError::Handshake(0)),
         },
-        Some(TlsGetRecordType::ChangeCipherSpec) => Ok(Control::Skipped),
+        Some(TlsGetRecordType::ChangeCipherSpec) => Ok(Record::Skipped),
         Some(TlsGetRecordType::Unknown(t)) => Err(ControlError::RecordType(t)),
         Some(_) => Err(ControlError::RecordType(0)),
     }

@@ -360,3 +360,121 @@ async fn a_client_waits_for_the_tickets_so_the_next_connection_resumes() {
         assert_eq!(&got, b"up");
     }
 }
+
+/// Both ends of a connection as [`KernelStream`]s, read and written the way hyper does: bytes
+/// both ways whatever the reader's room (a one-byte reader gets a 16 KiB record in parts), the
+/// client passes over the server's tickets, plaintext rustls had decrypted comes first, and
+/// each shutdown is a close_notify the other end reads as the end.
+#[tokio::test]
+async fn kernel_streams_carry_bytes_both_ways_and_end_with_close_notify() {
+    let Some(kernel) = kernel_or_skip("kernel_streams_carry_bytes_both_ways_and_end_with_close_notify")
+    else {
+        return;
+    };
+    let (server_cfg, client_cfg) = configs(None, 2);
+    let (server, mut client) = handshaken(server_cfg, client_cfg).await;
+    // Sent with rustls before the server's hand-over: the kernel decrypts it.
+    client.write_all(b"first words").await.expect("write");
+    client.flush().await.expect("flush");
+    let mut server = KernelStream::new(offloaded(&kernel, server));
+    let mut client = KernelStream::new(offloaded(&kernel, client));
+    let mut got = [0u8; 11];
+    server.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"first words");
+
+    let up = pattern(3 * 1024 * 1024 + 7, 3);
+    let down = pattern(200_000, 11);
+    let (mut sr, mut sw) = tokio::io::split(server);
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let send_up = async {
+        cw.write_all(&up).await.expect("client write");
+        cw.shutdown().await.expect("client close_notify");
+    };
+    let read_up = async {
+        let mut got = Vec::new();
+        sr.read_to_end(&mut got).await.expect("the server reads to the client's close_notify");
+        got
+    };
+    let send_down = async {
+        sw.write_all(&down).await.expect("server write");
+        sw.shutdown().await.expect("server close_notify");
+    };
+    let read_down = async {
+        // One byte at a time for the first record, then whole buffers.
+        let mut got = vec![0u8; 20_000];
+        for b in got.iter_mut() {
+            let mut one = [0u8; 1];
+            cr.read_exact(&mut one).await.expect("one byte");
+            *b = one[0];
+        }
+        cr.read_to_end(&mut got).await.expect("the client reads to the server's close_notify");
+        got
+    };
+    let (_, got_up, _, got_down) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(send_up, read_up, send_down, read_down)
+    })
+    .await
+    .expect("done in time");
+    assert!(got_up == up, "the server got {} bytes, not the {} sent", got_up.len(), up.len());
+    assert!(got_down == down, "the client got {} bytes, not the {} sent", got_down.len(), down.len());
+    // Writing after close_notify is refused, not sent in the clear or after the end.
+    let mut client = cr.unsplit(cw);
+    assert!(client.write_all(b"late").await.is_err());
+}
+
+/// A peer that closes TCP without close_notify: the bytes that came are read, then the end is
+/// an error (`UnexpectedEof`), as rustls reports it, so a truncated body is not taken as whole.
+#[tokio::test]
+async fn a_kernel_stream_cut_without_close_notify_reads_as_truncated() {
+    let Some(kernel) = kernel_or_skip("a_kernel_stream_cut_without_close_notify_reads_as_truncated") else {
+        return;
+    };
+    let (server_cfg, client_cfg) = configs(None, 0);
+    let (server, mut client) = handshaken(server_cfg, client_cfg).await;
+    let mut server = KernelStream::new(offloaded(&kernel, server));
+    client.write_all(b"half a story").await.expect("write");
+    client.flush().await.expect("flush");
+    let (io, _) = client.into_inner();
+    socket2::SockRef::from(io.get_ref()).shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut got = [0u8; 12];
+    server.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"half a story");
+    let end = server.read(&mut [0u8; 64]).await.expect_err("no close_notify: an error");
+    assert_eq!(end.kind(), std::io::ErrorKind::UnexpectedEof);
+}
+
+/// A client's HTTP connection moves to the kernel by itself, inside the reads and writes of
+/// whoever uses it, once the server's tickets are in: the first exchange through rustls, the
+/// rest through the kernel, the bytes the same; and the tickets are rustls', so the next
+/// connection resumes.
+#[tokio::test]
+async fn a_client_stream_moves_to_the_kernel_once_the_tickets_are_in() {
+    let Some(kernel) = kernel_or_skip("a_client_stream_moves_to_the_kernel_once_the_tickets_are_in") else {
+        return;
+    };
+    let (server_cfg, client_cfg) = configs(None, 2);
+    for round in 0..2 {
+        let (server, client) = handshaken(server_cfg.clone(), client_cfg.clone()).await;
+        if round == 1 {
+            assert_eq!(client.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+        }
+        let mut server = KernelStream::new(offloaded(&kernel, server));
+        let mut client = ClientStream::waiting(client, kernel);
+        for i in 0..3u8 {
+            let ask = pattern(40_000, i);
+            client.write_all(&ask).await.expect("write");
+            let mut got = vec![0u8; ask.len()];
+            server.read_exact(&mut got).await.expect("server read");
+            assert!(got == ask, "round {round}, exchange {i}: the server got other bytes");
+            server.write_all(&got[..1000]).await.expect("server write");
+            let mut back = vec![0u8; 1000];
+            client.read_exact(&mut back).await.expect("client read");
+            assert_eq!(back, ask[..1000], "round {round}, exchange {i}");
+        }
+        assert!(client.is_kernel(), "round {round}: the kernel has it after the first exchange");
+        client.shutdown().await.expect("close_notify");
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.expect("the server reads to the close_notify");
+        assert!(rest.is_empty());
+    }
+}
