@@ -26,7 +26,7 @@ vm_root "$root"
 cp target/x86_64-unknown-linux-musl/release/keycard "$root/t/keycard"
 cp target/release/keycard-bench "$root/t/keycard-bench"
 vm_libs "$root" target/release/keycard-bench
-run="/t/keycard-bench run --keycard /t/keycard --systems keycard-l4 --repeats 1 --rates 1000 --paced-s 1 --closed-s 1 --bulk-bytes 4194304 --idle $idle"
+run="/t/keycard-bench run --keycard /t/keycard --systems keycard-l4,keycard-l7 --repeats 1 --rates 1000 --paced-s 1 --closed-s 1 --bulk-bytes 4194304 --idle $idle"
 cat > "$root/init" <<EOF
 $VM_INIT_HEAD
 ulimit -n 65536
@@ -39,7 +39,7 @@ $run --out /tmp/kernel >/tmp/kernel.log 2>&1
 echo "ktls-vm: kernel run exit \$?"
 for r in rustls kernel; do
   echo "ktls-vm: ==== \$r"
-  grep -E '^\| (system|keycard-l4) ' /tmp/\$r/RESULTS.md | sed 's/^/ktls-vm: /'
+  grep -E '^\| (system|keycard-l4|keycard-l7) ' /tmp/\$r/RESULTS.md | sed 's/^/ktls-vm: /'
   grep -i error /tmp/\$r.log | head -5 | sed 's/^/ktls-vm: /'
 done
 poweroff -f

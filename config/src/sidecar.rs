@@ -50,10 +50,11 @@ pub struct SidecarConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSettings {
-    /// Kernel TLS for mesh L4 connections once their handshake is done: `auto` (the default) hands
+    /// Kernel TLS for mesh connections once their handshake is done: `auto` (the default) hands
     /// record encryption to the kernel where it offers the `tls` module and the negotiated cipher
-    /// (probed at start), so both legs are spliced without entering user space; elsewhere, and
-    /// with `off`, rustls keeps the connection.
+    /// (probed at start), so an L4 connection's legs are spliced without entering user space and
+    /// an HTTP one is read and written as plaintext; elsewhere, and with `off`, rustls keeps the
+    /// connection.
     pub kernel_offload: KernelOffload,
 }
 

@@ -67,7 +67,7 @@ pub struct ProxyMetrics {
     pub renewals: IntCounterVec,
     pub cert_expiry: Gauge,
     pub active: IntGauge,
-    /// `keycard_tls_offload_total{direction, result}`: mesh L4 connections after their handshake,
+    /// `keycard_tls_offload_total{direction, result}`: mesh connections after their handshake,
     /// `result` `kernel` (handed to kernel TLS), why rustls kept it (`unavailable`, `off`,
     /// `cipher`, `buffered`, `not_established`, `setup_failed`), or `lost` (the hand-over failed
     /// after rustls gave up the keys: the connection is closed).
@@ -106,7 +106,7 @@ impl ProxyMetrics {
         r.register(Box::new(active.clone()))?;
         let tls_offload_available = IntGauge::new(
             "keycard_tls_offload_available",
-            "1 when mesh L4 connections are handed to kernel TLS after their handshake",
+            "1 when mesh connections are handed to kernel TLS after their handshake",
         )?;
         r.register(Box::new(tls_offload_available.clone()))?;
         let histogram = |name: &str, help: &str, buckets: &[f64]| -> prometheus::Result<HistogramVec> {
@@ -136,7 +136,7 @@ impl ProxyMetrics {
             )?,
             tls_offload: counter(
                 "keycard_tls_offload_total",
-                "Mesh L4 connections after their handshake: handed to kernel TLS, or why not",
+                "Mesh connections (L4 and HTTP) after their handshake: handed to kernel TLS, or why not",
                 &["direction", "result"],
             )?,
             tls_offload_available,

@@ -100,7 +100,7 @@ pub struct Shared {
     census: Mutex<BTreeMap<IpAddr, CensusEntry>>,
     /// Who connected and what was decided, for `keycard status` and `policy suggest`.
     pub observed: crate::observe::Observed,
-    /// Kernel TLS for mesh L4 connections: the suites the start-up probe found, or why not.
+    /// Kernel TLS for mesh connections: the suites the start-up probe found, or why not.
     pub kernel_tls: Result<crate::ktls::KernelTls, crate::ktls::Refused>,
 }
 

@@ -32,7 +32,7 @@ type Rustls = Box<Tls>;
 /// Offers the connection to the kernel, or (`true`: the server ended its direction through
 /// rustls, so the kernel would not see the end) only tells why it stays: the kernel's, rustls'
 /// back (`Err(Some)`), or gone (`Err(None)`: the hand-over failed half-way).
-type Offer = Box<dyn FnOnce(Tls, bool) -> Result<Offloaded, Option<Tls>> + Send + Sync>;
+type Offer = Box<dyn FnOnce(Rustls, bool) -> Result<Offloaded, Option<Rustls>> + Send + Sync>;
 
 pub struct ClientStream {
     state: State,
@@ -71,9 +71,8 @@ impl ClientStream {
                     shared.count_offload(Direction::Outbound, "not_established");
                     return Err(Some(tls));
                 }
-                shared
-                    .offload(Direction::Outbound, remote, tls, Bytes::new())
-                    .map_err(|kept| kept.map(|(t, _)| t))
+                let offered = shared.offload(Direction::Outbound, remote, *tls, Bytes::new());
+                offered.map_err(|kept| kept.map(|(tls, _)| Box::new(tls)))
             }),
         )
     }
@@ -84,8 +83,8 @@ impl ClientStream {
             Box::new(tls),
             Box::new(move |tls, server_closed| match server_closed {
                 true => Err(Some(tls)),
-                false => kernel.hand_over(tls, Bytes::new()).map_err(|declined| match declined {
-                    Declined::Kept(tls, ..) => Some(tls),
+                false => kernel.hand_over(*tls, Bytes::new()).map_err(|declined| match declined {
+                    Declined::Kept(tls, ..) => Some(Box::new(tls)),
                     Declined::Lost(_) => None,
                 }),
             }),
@@ -119,11 +118,11 @@ impl ClientStream {
         let State::Waiting { tls, offer, .. } = std::mem::replace(&mut self.state, State::Lost) else {
             return;
         };
-        self.state = match offer(*tls, server_closed) {
+        self.state = match offer(tls, server_closed) {
             Ok(kernel) => State::Kernel(KernelStream::new(kernel)),
             Err(Some(mut tls)) => {
                 tls.get_mut().0.read_ahead_again();
-                State::Rustls(Box::new(tls))
+                State::Rustls(tls)
             }
             Err(None) => State::Lost,
         };

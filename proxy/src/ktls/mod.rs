@@ -1,6 +1,7 @@
-//! Kernel TLS: after rustls has done a mesh L4 connection's handshake, the kernel takes over its
+//! Kernel TLS: after rustls has done a mesh connection's handshake, the kernel takes over its
 //! records (`setsockopt(TCP_ULP, "tls")`, then the traffic keys and sequence numbers for each
-//! direction), so the connection is spliced between the peer and the app like plaintext and
+//! direction), so an L4 connection is spliced between the peer and the app like plaintext, an
+//! HTTP one is read and written as plaintext by hyper ([`KernelStream`], [`ClientStream`]), and
 //! rustls' buffers and AEAD state are let go.
 //!
 //! - [`probe`] runs once at start on a loopback connection: is the `tls` module there, and which

@@ -1,5 +1,5 @@
 //! The sidecar's side of kernel TLS: the probe at start (logged, and shown by
-//! `keycard_tls_offload_available`), and each mesh L4 connection offered to the kernel and
+//! `keycard_tls_offload_available`), and each mesh connection (L4 or HTTP) offered to the kernel and
 //! counted in `keycard_tls_offload_total{direction, result}`.
 
 use std::net::SocketAddr;
@@ -21,7 +21,7 @@ pub(crate) fn probe_at_start(setting: KernelOffload, metrics: &ProxyMetrics) -> 
         }
         KernelOffload::Auto => match super::probe() {
             Ok(k) => {
-                info!(suites = %k.describe(), "kernel TLS: mesh L4 connections move to it after their handshake");
+                info!(suites = %k.describe(), "kernel TLS: mesh connections move to it after their handshake");
                 Ok(k)
             }
             Err(e) => {
@@ -35,13 +35,13 @@ pub(crate) fn probe_at_start(setting: KernelOffload, metrics: &ProxyMetrics) -> 
 }
 
 impl Shared {
-    /// Whether a mesh L4 connection's handshake should be read record by record, so that the
+    /// Whether a mesh connection's handshake should be read record by record, so that the
     /// kernel can take it after.
     pub fn may_offload(&self) -> bool {
         self.kernel_tls.is_ok()
     }
 
-    /// Offers a handshaken mesh L4 connection to kernel TLS and counts the outcome. `Err(None)`:
+    /// Offers a handshaken mesh connection to kernel TLS and counts the outcome. `Err(None)`:
     /// the hand-over failed half-way and the connection is gone (logged as a refusal).
     pub fn offload<S: Handshaken>(
         &self,
@@ -74,13 +74,13 @@ impl Shared {
         }
     }
 
-    /// Counts a mesh L4 connection's `keycard_tls_offload_total{direction, result}`: one label
+    /// Counts a mesh connection's `keycard_tls_offload_total{direction, result}`: one label
     /// lookup per connection, next to a handshake of about a million instructions.
     pub fn count_offload(&self, direction: Direction, result: &str) {
         self.metrics.tls_offload.with_label_values(&[direction.as_str(), result]).inc();
     }
 
-    /// Counts a mesh L4 connection that was not offered to the kernel because there is none to
+    /// Counts a mesh connection that was not offered to the kernel because there is none to
     /// offer it to (`off` or `unavailable`).
     pub fn count_no_offload(&self, direction: Direction) {
         if let Err(refused) = &self.kernel_tls {

@@ -377,7 +377,7 @@ async fn kernel_streams_carry_bytes_both_ways_and_end_with_close_notify() {
     client.write_all(b"first words").await.expect("write");
     client.flush().await.expect("flush");
     let mut server = KernelStream::new(offloaded(&kernel, server));
-    let mut client = KernelStream::new(offloaded(&kernel, client));
+    let client = KernelStream::new(offloaded(&kernel, client));
     let mut got = [0u8; 11];
     server.read_exact(&mut got).await.expect("read");
     assert_eq!(&got, b"first words");
