@@ -134,9 +134,8 @@ impl AsyncWrite for KernelStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.before_write()?;
-        let n = ready!(Pin::new(&mut this.tcp).poll_write(cx, data))?;
-        this.records += n.div_ceil(MAX_RECORD).max(1) as u64;
-        Poll::Ready(Ok(n))
+        let written = Pin::new(&mut this.tcp).poll_write(cx, data);
+        this.count(written)
     }
 
     fn poll_write_vectored(
@@ -146,9 +145,8 @@ impl AsyncWrite for KernelStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.before_write()?;
-        let n = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
-        this.records += n.div_ceil(MAX_RECORD).max(1) as u64;
-        Poll::Ready(Ok(n))
+        let written = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        this.count(written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -175,6 +173,14 @@ impl AsyncWrite for KernelStream {
 }
 
 impl KernelStream {
+    /// Counts the records a write ended: each ends at least one.
+    fn count(&mut self, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = written {
+            self.records += n.div_ceil(MAX_RECORD).max(1) as u64;
+        }
+        written
+    }
+
     /// Writing after `close_notify`, or past the record limit (the kernel cannot rekey), fails.
     fn before_write(&self) -> io::Result<()> {
         if self.notified {
