@@ -22,7 +22,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::{Declined, KernelStream, KernelTls, Offloaded};
+#[cfg(test)]
+use super::{Declined, KernelTls};
+use super::{KernelStream, Offloaded};
 use crate::buffers::ReadAhead;
 use crate::sidecar::{Direction, Shared};
 
@@ -78,6 +80,7 @@ impl ClientStream {
     }
 
     /// Waits to move to `kernel`, uncounted (the kernel-TLS tests).
+    #[cfg(test)]
     pub fn waiting(tls: Tls, kernel: KernelTls) -> Self {
         Self::with_offer(
             Box::new(tls),
