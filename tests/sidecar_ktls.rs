@@ -1,9 +1,11 @@
-//! Kernel TLS through two real sidecars: mesh L4 connections move to the kernel after their
-//! handshake where it offers the `tls` module, stay with rustls where it does not or where
-//! `tls.kernel_offload: off`, and carry the same bytes either way. This build machine's kernel
-//! has no `tls` module; `tests/vm/ktls.sh` runs this file under a Debian kernel that has it, with
+//! Kernel TLS and keycard's own record layer through two real sidecars: mesh connections move
+//! to the kernel after their handshake where it offers the `tls` module, else to keycard's record
+//! layer (`tls.user_records: on`, the default), stay with rustls where both are off, and carry
+//! the same bytes whoever has them. This build machine's kernel has no `tls` module;
+//! `tests/vm/ktls.sh` runs this file under a Debian kernel that has it, with
 //! `KEYCARD_REQUIRE_KTLS=1` so that a fallback there fails instead of passing. HTTP connections
-//! between the sidecars move too: hyper then reads and writes plaintext through the kernel.
+//! between the sidecars move too: hyper then reads and writes plaintext through the kernel or the
+//! record layer (the outbound sidecar's pooled connections to the kernel only).
 
 mod common;
 
@@ -11,26 +13,37 @@ use std::time::Duration;
 
 use common::l7::*;
 use common::mesh::*;
-use keycard_config::sidecar::{KernelOffload, Protocol};
+use keycard_config::sidecar::{KernelOffload, Protocol, UserRecords};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n";
 
-/// What `keycard_tls_offload_total`'s `result` must be for `auto` on this kernel.
-fn expected_with_auto() -> &'static str {
+/// Whether this kernel does TLS (loudly when it does not).
+fn kernel_has_tls() -> bool {
     match keycard_proxy::ktls::probe() {
-        Ok(_) => "kernel",
+        Ok(_) => true,
         Err(e) if std::env::var_os("KEYCARD_REQUIRE_KTLS").is_some() => {
             panic!("KEYCARD_REQUIRE_KTLS is set but {e}")
         }
         Err(e) => {
             eprintln!(
-                "NOTE: {e}: checking the rustls fallback only (tests/vm/ktls.sh checks the kernel path)"
+                "NOTE: {e}: checking keycard's record layer and the rustls fallback only (tests/vm/ktls.sh checks the kernel path)"
             );
-            "unavailable"
+            false
         }
     }
+}
+
+/// What `keycard_tls_offload_total`'s `result` must be for the defaults on this kernel: the
+/// kernel, else keycard's record layer.
+fn expected_with_auto() -> &'static str {
+    if kernel_has_tls() { "kernel" } else { "user" }
+}
+
+/// The same for the outbound sidecar's pooled HTTP connections, which move to the kernel only.
+fn expected_for_pooled() -> &'static str {
+    if kernel_has_tls() { "kernel" } else { "unavailable" }
 }
 
 struct Pair {
@@ -40,11 +53,12 @@ struct Pair {
 }
 
 async fn pair(pki: &Pki, offload: KernelOffload) -> Pair {
-    pair_with(pki, offload, Protocol::Tcp).await
+    pair_with(pki, (offload, UserRecords::On), Protocol::Tcp).await
 }
 
-/// The pair with the server's port declared as `protocol` (the client's upstream stays TCP).
-async fn pair_with(pki: &Pki, offload: KernelOffload, protocol: Protocol) -> Pair {
+/// The pair with `tls.kernel_offload` and `tls.user_records` as given and the server's port
+/// declared as `protocol` (the client's upstream stays TCP).
+async fn pair_with(pki: &Pki, (offload, user): (KernelOffload, UserRecords), protocol: Protocol) -> Pair {
     let dir = policy_dir(STRICT);
     let mut cfg = config(SidecarSpec {
         ns: "default",
@@ -55,7 +69,7 @@ async fn pair_with(pki: &Pki, offload: KernelOffload, protocol: Protocol) -> Pai
         outbound: vec![],
         policy: Some(dir.path().to_owned()),
     });
-    cfg.tls.kernel_offload = offload;
+    (cfg.tls.kernel_offload, cfg.tls.user_records) = (offload, user);
     cfg.inbound[0].protocol = Some(protocol);
     let server = start(cfg).await;
     let mut cfg = config(SidecarSpec {
@@ -67,7 +81,7 @@ async fn pair_with(pki: &Pki, offload: KernelOffload, protocol: Protocol) -> Pai
         outbound: vec![(server.inbound(9080), vec![Pki::id("default", "server")])],
         policy: None,
     });
-    cfg.tls.kernel_offload = offload;
+    (cfg.tls.kernel_offload, cfg.tls.user_records) = (offload, user);
     let client = start(cfg).await;
     Pair { server, client, _policy: dir }
 }
@@ -140,9 +154,9 @@ async fn mesh_l4_connections_move_to_kernel_tls_where_it_is_offered_and_carry_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kernel_offload_off_keeps_every_connection_with_rustls() {
+async fn with_both_off_rustls_keeps_every_connection() {
     let pki = Pki::new();
-    let pair = pair(&pki, KernelOffload::Off).await;
+    let pair = pair_with(&pki, (KernelOffload::Off, UserRecords::Off), Protocol::Tcp).await;
     exercise(&pair, true).await;
     exercise(&pair, false).await;
     assert_eq!(offloads(&pair.client, "outbound", "off"), 6.0, "{}", pair.client.metrics());
@@ -152,9 +166,25 @@ async fn kernel_offload_off_keeps_every_connection_with_rustls() {
     pair.server.shutdown().await;
 }
 
+/// `tls.kernel_offload: off` alone: keycard's record layer takes every mesh connection, whether
+/// its client half-closed at once or lingered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_kernel_off_the_record_layer_takes_every_connection() {
+    let pki = Pki::new();
+    let pair = pair(&pki, KernelOffload::Off).await;
+    exercise(&pair, true).await;
+    exercise(&pair, false).await;
+    assert_eq!(offloads(&pair.client, "outbound", "user"), 6.0, "{}", pair.client.metrics());
+    assert_eq!(offloads(&pair.server, "inbound", "user"), 6.0, "{}", pair.server.metrics());
+    let m = pair.server.metrics();
+    assert_eq!(metric_sum(&m, "keycard_handshake_failures_total", &[]), 0.0, "{m}");
+    pair.client.shutdown().await;
+    pair.server.shutdown().await;
+}
+
 /// A client that sends and half-closes at once: its FIN may reach the inbound sidecar before
-/// the hand-over, and the kernel takes only established connections; rustls then keeps the
-/// connection (`not_established`). Either way every byte and the half-close get through.
+/// the hand-over, and the kernel takes only established connections; keycard's record layer
+/// then takes the connection. Either way every byte and the half-close get through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_exchange_gets_through_whoever_keeps_the_connection() {
     let expected = expected_with_auto();
@@ -165,8 +195,10 @@ async fn a_short_exchange_gets_through_whoever_keeps_the_connection() {
     }
     let total = (5 * SIZES.len()) as f64;
     assert_eq!(offloads(&pair.client, "outbound", expected), total, "{}", pair.client.metrics());
-    let inbound =
-        offloads(&pair.server, "inbound", expected) + offloads(&pair.server, "inbound", "not_established");
+    // One the kernel could not take (its peer's FIN came first) goes to the record layer.
+    let mut results = vec![expected, "user"];
+    results.dedup();
+    let inbound: f64 = results.iter().map(|r| offloads(&pair.server, "inbound", r)).sum();
     assert_eq!(inbound, total, "{}", pair.server.metrics());
     let m = pair.server.metrics();
     assert_eq!(metric_sum(&m, "keycard_tls_offload_total", &["result=\"lost\""]), 0.0, "{m}");
@@ -181,7 +213,7 @@ async fn a_short_exchange_gets_through_whoever_keeps_the_connection() {
 async fn bytes_read_to_detect_the_protocol_are_delivered_before_the_kernels() {
     let expected = expected_with_auto();
     let pki = Pki::new();
-    let pair = pair_with(&pki, KernelOffload::Auto, Protocol::Auto).await;
+    let pair = pair_with(&pki, (KernelOffload::Auto, UserRecords::On), Protocol::Auto).await;
     exercise(&pair, true).await;
     assert_eq!(offloads(&pair.server, "inbound", expected), 3.0, "{}", pair.server.metrics());
     let m = pair.server.metrics();
@@ -191,10 +223,11 @@ async fn bytes_read_to_detect_the_protocol_are_delivered_before_the_kernels() {
 }
 
 /// HTTP between the sidecars: each mesh connection the inbound sidecar serves as HTTP goes to the
-/// kernel after its handshake where it offers TLS, each pooled connection of the outbound
-/// sidecar once the server's tickets are in, and hyper runs both ends through the kernel:
-/// HTTP/1.1 and HTTP/2 requests, 8 MiB bodies both ways, keep-alive across requests, and the
-/// pooled connections' close_notify when the client sidecar stops.
+/// kernel after its handshake where it offers TLS (else to keycard's record layer), each pooled
+/// connection of the outbound sidecar to the kernel once the server's tickets are in, and hyper
+/// runs both ends through them: HTTP/1.1 and HTTP/2 requests, 8 MiB bodies both ways,
+/// keep-alive across requests, and the pooled connections' close_notify when the client sidecar
+/// stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_between_sidecars_is_served_on_kernel_tls_where_it_is_offered() {
     let expected = expected_with_auto();
@@ -219,6 +252,6 @@ async fn http_between_sidecars_is_served_on_kernel_tls_where_it_is_offered() {
     let c = mesh.client.metrics();
     let opened = metric_sum(&c, "keycard_upstream_connections_opened_total", &[]);
     assert!(opened >= 2.0, "{c}");
-    assert_eq!(offloads(&mesh.client, "outbound", expected), opened, "{c}");
+    assert_eq!(offloads(&mesh.client, "outbound", expected_for_pooled()), opened, "{c}");
     mesh.shutdown().await;
 }

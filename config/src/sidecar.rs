@@ -56,6 +56,21 @@ pub struct TlsSettings {
     /// an HTTP one is read and written as plaintext; elsewhere, and with `off`, rustls keeps the
     /// connection.
     pub kernel_offload: KernelOffload,
+    /// keycard's own record layer for mesh connections the kernel does not take: `on` (the
+    /// default) takes the traffic keys out of rustls after the handshake, as for the kernel, and
+    /// seals and opens the records itself with rustls' cipher code, in place in one buffer that an
+    /// idle connection does not hold (L4 connections and the HTTP ones this sidecar serves); `off`
+    /// leaves such connections with rustls' buffered connection.
+    pub user_records: UserRecords,
+}
+
+/// See [`TlsSettings::user_records`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserRecords {
+    #[default]
+    On,
+    Off,
 }
 
 /// See [`TlsSettings::kernel_offload`].

@@ -21,8 +21,10 @@ use crate::forward::{self, Leg, Legs};
 use crate::http::headers::xfcc_element;
 use crate::http::inbound::{InboundHttp, Peer};
 use crate::http::sniff::{self, Rewind, Sniffed};
-use crate::ktls::{KernelStream, Offloaded};
+use crate::ktls::KernelStream;
+use crate::ktls::offer::Moved;
 use crate::metrics::with_flags;
+use crate::records::RecordStream;
 use crate::sidecar::{Direction, Serving, Shared, TcpCounters};
 use crate::tls::{MESH_ALPNS, peer_identity};
 
@@ -172,9 +174,9 @@ async fn set_up(
     // The stream goes to the heap once, here: every later state (sniffing, HTTP, forwarding)
     // holds a pointer to it rather than a slot of its size.
     let deadline = limits.handshake_timeout;
-    // Read record by record while rustls does its handshake, so that the kernel can take the
-    // connection after (crate::ktls), L4 or HTTP.
-    let io = if shared.may_offload() { ReadAhead::record_exact(tcp) } else { ReadAhead::new(tcp) };
+    // Read record by record while rustls does its handshake, so that the kernel (crate::ktls) or
+    // keycard's own record layer (crate::records) can take the connection after, L4 or HTTP.
+    let io = if shared.may_take_records() { ReadAhead::record_exact(tcp) } else { ReadAhead::new(tcp) };
     let mut stream =
         Box::new(Rewind::new(match Box::pin(tokio::time::timeout(deadline, acceptor.accept(io))).await {
             Ok(Ok(s)) => s,
@@ -211,12 +213,11 @@ async fn set_up(
             _ => true,
         };
         if is_http {
-            let Some(stream) = offer_to_kernel(shared, peer, stream) else {
-                return Ready::Done;
-            };
-            let stream = match stream {
-                Either::Left(rustls) => Either::Left(rustls),
-                Either::Right(kernel) => Either::Right(KernelStream::new(kernel)),
+            let stream = match take_records(shared, peer, stream) {
+                Some(Moved::Rustls(rustls, _)) => Either::Left(rustls),
+                Some(Moved::Kernel(kernel)) => Either::Right(Either::Left(KernelStream::new(kernel))),
+                Some(Moved::User(records)) => Either::Right(Either::Right(records)),
+                None => return Ready::Done,
             };
             let peer = Peer { addr: peer, local, identity: principal, xfcc, sni };
             return Ready::Http(HttpConn::Mesh(stream), peer);
@@ -261,33 +262,31 @@ enum Downstream {
     Tls(MeshStream),
 }
 
-/// An HTTP downstream connection: plaintext, or mutual TLS with rustls or the kernel's TLS.
+/// An HTTP downstream connection: plaintext, or mutual TLS with rustls, the kernel's TLS or
+/// keycard's own record layer.
 enum HttpConn {
     Plain(TcpStream),
-    Mesh(Either<MeshStream, KernelStream>),
+    Mesh(Either<MeshStream, Either<KernelStream, RecordStream>>),
 }
 
-/// Offers a handshaken mesh stream to kernel TLS and counts the outcome: the kernel's, or
-/// rustls' (reading ahead again, with its sniffed bytes still to replay); `None` where the
-/// hand-over failed half-way and the connection is gone (logged as a refusal).
-fn offer_to_kernel(
-    shared: &Shared,
-    peer: SocketAddr,
-    stream: MeshStream,
-) -> Option<Either<MeshStream, Offloaded>> {
-    if !shared.may_offload() {
+/// Moves a handshaken mesh stream's records to the kernel or keycard's record layer, or leaves
+/// them with rustls (reading ahead again, its sniffed bytes still to replay: the `Bytes` of
+/// `Rustls` are empty), and counts the outcome; `None` where a hand-over failed half-way and the
+/// connection is gone (logged as a refusal).
+fn take_records(shared: &Shared, peer: SocketAddr, stream: MeshStream) -> Option<Moved<MeshStream>> {
+    if !shared.may_take_records() {
         shared.count_no_offload(Direction::Inbound);
-        return Some(Either::Left(stream));
+        return Some(Moved::Rustls(stream, bytes::Bytes::new()));
     }
     let (sniffed, tls) = stream.into_parts();
-    match shared.offload(Direction::Inbound, peer, tls, sniffed) {
-        Ok(kernel) => Some(Either::Right(kernel)),
-        Err(Some((mut tls, sniffed))) => {
+    Some(match shared.take_records(Direction::Inbound, peer, tls, sniffed)? {
+        Moved::Kernel(kernel) => Moved::Kernel(kernel),
+        Moved::User(records) => Moved::User(records),
+        Moved::Rustls(mut tls, sniffed) => {
             tls.get_mut().0.read_ahead_again();
-            Some(Either::Left(Box::new(Rewind::replaying(sniffed, tls))))
+            Moved::Rustls(Box::new(Rewind::replaying(sniffed, tls)), bytes::Bytes::new())
         }
-        Err(None) => None,
-    }
+    })
 }
 
 /// Authorizes a connection and connects to the app: the connection to forward, or `Done` when
@@ -324,9 +323,10 @@ async fn open_to_app(
     };
     let legs = match downstream {
         Downstream::Plain(tcp) => Legs::Spliced(Leg::plain(tcp), Leg::plain(app)),
-        Downstream::Tls(stream) => match offer_to_kernel(shared, peer, stream) {
-            Some(Either::Right(kernel)) => Legs::Spliced(Leg::kernel_tls(kernel), Leg::plain(app)),
-            Some(Either::Left(stream)) => Legs::Copied(stream, app),
+        Downstream::Tls(stream) => match take_records(shared, peer, stream) {
+            Some(Moved::Kernel(kernel)) => Legs::Spliced(Leg::kernel_tls(kernel), Leg::plain(app)),
+            Some(Moved::User(records)) => Legs::Copied(Either::Right(records), app),
+            Some(Moved::Rustls(stream, _)) => Legs::Copied(Either::Left(stream), app),
             None => {
                 shared.refuse_tcp(&labels);
                 event.log("allow", end_reason(forward::End::Error), "", 0, 0);
@@ -344,7 +344,7 @@ async fn open_to_app(
 
 /// A connection allowed to the app, its app leg open: all that its long life keeps.
 struct ToApp {
-    legs: Legs<MeshStream, TcpStream>,
+    legs: Legs<Either<MeshStream, RecordStream>, TcpStream>,
     /// Shared with the live registry.
     facts: Arc<ConnFacts>,
     policy: String,

@@ -31,6 +31,7 @@ pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;
+pub mod records;
 pub mod sidecar;
 pub mod tls;
 

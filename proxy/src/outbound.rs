@@ -14,6 +14,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, end_reason};
@@ -21,6 +22,8 @@ use crate::buffers::ReadAhead;
 use crate::forward::{self, ConnectError, Leg, Legs};
 use crate::http::sniff::Sniffed;
 use crate::ktls::ClientStream;
+use crate::ktls::offer::Moved;
+use crate::records::RecordStream;
 use crate::sidecar::{Direction, Serving, Shared, TcpCounters};
 use crate::tls::{MeshTls, OUTBOUND_ALPN, peer_identity};
 
@@ -320,20 +323,20 @@ async fn offload(
     mut stream: TlsStream<ReadAhead<TcpStream>>,
 ) -> Option<(RemoteLegs, crate::ktls::Waited)> {
     let waited = crate::ktls::await_tickets(&mut stream, &mut app, crate::ktls::TICKET_WAIT).await.ok()?;
-    let offered = if waited.server_closed {
-        // rustls read the server's close_notify: the kernel would not see the end.
+    let moved = if waited.server_closed {
+        // rustls read the server's close_notify: whoever took the records would not see the end.
         shared.count_offload(Direction::Outbound, "not_established");
-        Err(Some((stream, bytes::Bytes::new())))
+        Moved::Rustls(stream, bytes::Bytes::new())
     } else {
-        shared.offload(Direction::Outbound, remote, stream, bytes::Bytes::new())
+        shared.take_records(Direction::Outbound, remote, stream, bytes::Bytes::new())?
     };
-    let legs = match offered {
-        Ok(kernel) => Legs::Spliced(Leg::plain(app), Leg::kernel_tls(kernel)),
-        Err(Some((mut stream, _))) => {
+    let legs = match moved {
+        Moved::Kernel(kernel) => Legs::Spliced(Leg::plain(app), Leg::kernel_tls(kernel)),
+        Moved::User(records) => Legs::Copied(app, Either::Right(records)),
+        Moved::Rustls(mut stream, _) => {
             stream.get_mut().0.read_ahead_again();
-            Legs::Copied(app, Box::new(stream))
+            Legs::Copied(app, Either::Left(Box::new(stream)))
         }
-        Err(None) => return None,
     };
     Some((legs, waited))
 }
@@ -356,7 +359,7 @@ pub async fn dial(
 }
 
 /// The legs of an outbound connection: the app's, then the remote sidecar's.
-type RemoteLegs = Legs<TcpStream, Box<TlsStream<ReadAhead<TcpStream>>>>;
+type RemoteLegs = Legs<TcpStream, Either<Box<TlsStream<ReadAhead<TcpStream>>>, RecordStream>>;
 
 /// Connects to the remote (with mutual TLS unless the route disables it): the connection to
 /// forward, or `None` where that failed (logged and counted).
@@ -419,8 +422,11 @@ async fn set_up(
     let mtls = route.external.is_none();
     // A mesh connection's handshake is read record by record, so that the kernel can take it
     // after (crate::ktls); one to a DestinationRule's external server stays with rustls.
-    let io =
-        if mtls && shared.may_offload() { ReadAhead::record_exact(remote) } else { ReadAhead::new(remote) };
+    let io = if mtls && shared.may_take_records() {
+        ReadAhead::record_exact(remote)
+    } else {
+        ReadAhead::new(remote)
+    };
     let (stream, server_id) = match handshake(shared, up.remote, route, config, io).await {
         Ok(x) => x,
         Err(e) => {
@@ -429,7 +435,7 @@ async fn set_up(
         }
     };
     let labels = shared.tcp_labels(Direction::Outbound, Some(&shared.id), server_id.as_ref(), mtls);
-    let (legs, early) = if mtls && shared.may_offload() {
+    let (legs, early) = if mtls && shared.may_take_records() {
         match offload(shared, up.remote, app, stream).await {
             Some((legs, waited)) => (legs, (waited.up, waited.down)),
             None => {
@@ -443,7 +449,7 @@ async fn set_up(
         if mtls {
             shared.count_no_offload(Direction::Outbound);
         }
-        (Legs::Copied(app, Box::new(stream)), (0, 0))
+        (Legs::Copied(app, Either::Left(Box::new(stream))), (0, 0))
     };
     let counters = shared.open_tcp(&labels);
     Some(ToRemote { legs, server_id, mtls, peer, remote: up.remote, started, cancel, counters, early })

@@ -102,6 +102,9 @@ pub struct Shared {
     pub observed: crate::observe::Observed,
     /// Kernel TLS for mesh connections: the suites the start-up probe found, or why not.
     pub kernel_tls: Result<crate::ktls::KernelTls, crate::ktls::Refused>,
+    /// `tls.user_records: on`: mesh connections the kernel does not take move to keycard's own
+    /// record layer (`crate::records`).
+    pub user_records: bool,
 }
 
 impl Shared {
@@ -387,6 +390,7 @@ impl Sidecar {
             census: Mutex::new(BTreeMap::new()),
             observed: Default::default(),
             kernel_tls,
+            user_records: cfg.tls.user_records == keycard_config::sidecar::UserRecords::On,
         });
         let status = PolicyStatus {
             generation: 1,

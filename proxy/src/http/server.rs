@@ -109,7 +109,18 @@ impl Readiness for crate::ktls::KernelStream {
     }
 }
 
-/// A mesh stream with rustls or with the kernel's TLS.
+/// keycard's record layer holds plaintext or a whole record only until a read takes them; after
+/// a read returned `Pending`, at most part of a record is held, and the rest comes by the socket.
+impl Readiness for crate::records::RecordStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.holds_bytes() {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_ref().poll_read_ready(cx)
+    }
+}
+
+/// A mesh stream with rustls, the kernel's TLS or keycard's record layer.
 impl<L: Readiness, R: Readiness> Readiness for tokio_util::either::Either<L, R> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self {

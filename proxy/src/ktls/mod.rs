@@ -547,4 +547,4 @@ pub fn try_close_notify(tcp: &TcpStream) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

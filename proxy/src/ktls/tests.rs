@@ -92,7 +92,7 @@ async fn the_close_notify_control_message_is_one_the_kernel_accepts() {
 
 /// TLS 1.3 configs for one handshake: a self-signed `localhost` certificate, secret extraction
 /// allowed, `suite` only (any when `None`).
-fn configs(
+pub(crate) fn configs(
     suite: Option<rustls::SupportedCipherSuite>,
     tickets: usize,
 ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
@@ -123,11 +123,11 @@ fn configs(
     (Arc::new(server), Arc::new(client))
 }
 
-type ServerTls = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
-type ClientTls = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
+pub(crate) type ServerTls = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
+pub(crate) type ClientTls = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
 /// Both ends of one handshake over loopback, each read record by record.
-async fn handshaken(
+pub(crate) async fn handshaken(
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
 ) -> (ServerTls, ClientTls) {
@@ -148,12 +148,12 @@ fn offloaded<S: Handshaken>(kernel: &KernelTls, stream: S) -> Offloaded {
 }
 
 /// `len` bytes of a pattern that shows misordering.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
+pub(crate) fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
 }
 
 /// An app that reads everything to EOF, then answers with what it read reversed and closes.
-async fn reversing_app() -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+pub(crate) async fn reversing_app() -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let task = tokio::spawn(async move {
