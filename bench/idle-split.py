@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Resident memory per idle connection through a keycard pair, per sidecar, two ways in one run:
-over mutual TLS kept by rustls (`mtls`), and with plaintext legs spliced both ways (`plain`:
+"""Resident memory per idle connection through a keycard pair, per sidecar, three ways in one run:
+over mutual TLS kept by rustls (`rustls`: `tls.user_records: off`), over mutual TLS with keycard's
+own record layer (`mtls`, the default where the kernel has no TLS), and with plaintext legs spliced
+both ways (`plain`:
 PeerAuthentication DISABLE, DestinationRule tls DISABLE). A kernel-TLS connection keeps what a
 plaintext one keeps once the kernel has its records (plus the kernel's own memory, which RSS does
 not show), so `plain` is what kernel TLS would leave per connection on a machine whose kernel has
@@ -57,13 +59,13 @@ def rss_kib(pid):
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def sidecar_yaml(work, sa, body):
+def sidecar_yaml(work, sa, body, tls=""):
     certs = os.path.join(work, "certs", sa)
     p = [free_port() for _ in range(3)]
     return f"""workload: {{trust_domain: cluster.local, namespace: bench, service_account: {sa}}}
 identity:
   files: {{cert: {certs}/cert.pem, key: {certs}/key.pem, bundle: {certs}/bundle.pem}}
-{body}policy: {{paths: [policies.yaml]}}
+{body}{tls}policy: {{paths: [policies.yaml]}}
 admin: 127.0.0.1:{p[0]}
 metrics: 127.0.0.1:{p[1]}
 readiness: 127.0.0.1:{p[2]}
@@ -74,12 +76,13 @@ def measure(work, mode, count):
     d = os.path.join(work, mode)
     os.makedirs(d)
     with open(os.path.join(d, "policies.yaml"), "w") as f:
-        f.write(STRICT if mode == "mtls" else PLAIN)
+        f.write(PLAIN if mode == "plain" else STRICT)
+    tls = "tls: {user_records: off}\n" if mode == "rustls" else ""
     app, inbound, outbound = free_port(), free_port(), free_port()
     with open(os.path.join(d, "inbound.yaml"), "w") as f:
-        f.write(sidecar_yaml(work, "server", f"inbound:\n  - {{port: 8080, listen: 127.0.0.1:{inbound}, app: 127.0.0.1:{app}, protocol: tcp}}\n"))
+        f.write(sidecar_yaml(work, "server", f"inbound:\n  - {{port: 8080, listen: 127.0.0.1:{inbound}, app: 127.0.0.1:{app}, protocol: tcp}}\n", tls))
     with open(os.path.join(d, "outbound.yaml"), "w") as f:
-        f.write(sidecar_yaml(work, "client", f"outbound:\n  - {{listen: 127.0.0.1:{outbound}, remote: 127.0.0.1:{inbound}, host: server.bench.svc.cluster.local, identities: [spiffe://cluster.local/ns/bench/sa/server], protocol: tcp}}\n"))
+        f.write(sidecar_yaml(work, "client", f"outbound:\n  - {{listen: 127.0.0.1:{outbound}, remote: 127.0.0.1:{inbound}, host: server.bench.svc.cluster.local, identities: [spiffe://cluster.local/ns/bench/sa/server], protocol: tcp}}\n", tls))
     procs = [subprocess.Popen([BENCH, "backend", "--listen", f"127.0.0.1:{app}"], stderr=subprocess.DEVNULL)]
     try:
         for name in ("inbound", "outbound"):
@@ -122,7 +125,12 @@ def main():
         print(f"{count} idle connections, KiB of resident memory per connection")
         print("| legs | inbound sidecar | outbound sidecar |")
         print("|---|---|---|")
-        for mode, label in (("mtls", "mutual TLS, rustls"), ("plain", "plaintext, spliced (what kernel TLS keeps)")):
+        modes = (
+            ("rustls", "mutual TLS, rustls (`tls.user_records: off`)"),
+            ("mtls", "mutual TLS, keycard's record layer"),
+            ("plain", "plaintext, spliced (what kernel TLS keeps)"),
+        )
+        for mode, label in modes:
             inbound, outbound = measure(work, mode, count)
             print(f"| {label} | {inbound:.2f} | {outbound:.2f} |")
 

@@ -68,9 +68,10 @@ pub struct ProxyMetrics {
     pub cert_expiry: Gauge,
     pub active: IntGauge,
     /// `keycard_tls_offload_total{direction, result}`: mesh connections after their handshake,
-    /// `result` `kernel` (handed to kernel TLS), why rustls kept it (`unavailable`, `off`,
-    /// `cipher`, `buffered`, `not_established`, `setup_failed`), or `lost` (the hand-over failed
-    /// after rustls gave up the keys: the connection is closed).
+    /// `result` `kernel` (handed to kernel TLS), `user` (to keycard's own record layer), why
+    /// rustls kept it (`unavailable`, `off`, `cipher`, `buffered`, `not_established`,
+    /// `setup_failed`), or `lost` (a hand-over failed after rustls gave up the keys: the
+    /// connection is closed).
     pub tls_offload: IntCounterVec,
     /// `keycard_tls_offload_available`: 1 when the start-up probe found kernel TLS and
     /// `tls.kernel_offload` is `auto`.
@@ -136,7 +137,7 @@ impl ProxyMetrics {
             )?,
             tls_offload: counter(
                 "keycard_tls_offload_total",
-                "Mesh connections (L4 and HTTP) after their handshake: handed to kernel TLS, or why not",
+                "Mesh connections (L4 and HTTP) after their handshake: handed to kernel TLS, to keycard's record layer (user), or why rustls kept them",
                 &["direction", "result"],
             )?,
             tls_offload_available,

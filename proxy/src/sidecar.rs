@@ -372,7 +372,8 @@ impl Sidecar {
             metrics: local(&admin[1], cfg.metrics),
             readiness: local(&admin[2], cfg.readiness),
         };
-        let kernel_tls = crate::ktls::offer::probe_at_start(cfg.tls.kernel_offload, &metrics);
+        let user_records = cfg.tls.user_records == keycard_config::sidecar::UserRecords::On;
+        let kernel_tls = crate::ktls::offer::probe_at_start(cfg.tls.kernel_offload, user_records, &metrics);
         let shared = Arc::new(Shared {
             id,
             tls,
@@ -390,7 +391,7 @@ impl Sidecar {
             census: Mutex::new(BTreeMap::new()),
             observed: Default::default(),
             kernel_tls,
-            user_records: cfg.tls.user_records == keycard_config::sidecar::UserRecords::On,
+            user_records,
         });
         let status = PolicyStatus {
             generation: 1,

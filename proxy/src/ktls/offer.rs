@@ -15,10 +15,19 @@ use crate::records::RecordStream;
 use crate::sidecar::{Direction, Shared};
 
 /// Kernel TLS as configured and found: the suites the probe found, or why it is not used.
-pub(crate) fn probe_at_start(setting: KernelOffload, metrics: &ProxyMetrics) -> Result<KernelTls, Refused> {
+pub(crate) fn probe_at_start(
+    setting: KernelOffload,
+    user_records: bool,
+    metrics: &ProxyMetrics,
+) -> Result<KernelTls, Refused> {
+    let otherwise = if user_records {
+        "keycard's own record layer takes mesh connections after their handshake"
+    } else {
+        "rustls keeps every connection (tls.user_records: off)"
+    };
     let found = match setting {
         KernelOffload::Off => {
-            info!("kernel TLS off (tls.kernel_offload: off): rustls keeps every connection");
+            info!("kernel TLS off (tls.kernel_offload: off): {otherwise}");
             Err(Refused::Off)
         }
         KernelOffload::Auto => match super::probe() {
@@ -27,7 +36,7 @@ pub(crate) fn probe_at_start(setting: KernelOffload, metrics: &ProxyMetrics) -> 
                 Ok(k)
             }
             Err(e) => {
-                info!("kernel TLS not used: {e}");
+                info!("kernel TLS not used: {e}; {otherwise}");
                 Err(Refused::Unavailable)
             }
         },
