@@ -5,7 +5,7 @@
 //! `tests/vm/ktls.sh` runs this file under a Debian kernel that has it, with
 //! `KEYCARD_REQUIRE_KTLS=1` so that a fallback there fails instead of passing. HTTP connections
 //! between the sidecars move too: hyper then reads and writes plaintext through the kernel or the
-//! record layer (the outbound sidecar's pooled connections to the kernel only).
+//! record layer.
 
 mod common;
 
@@ -39,11 +39,6 @@ fn kernel_has_tls() -> bool {
 /// kernel, else keycard's record layer.
 fn expected_with_auto() -> &'static str {
     if kernel_has_tls() { "kernel" } else { "user" }
-}
-
-/// The same for the outbound sidecar's pooled HTTP connections, which move to the kernel only.
-fn expected_for_pooled() -> &'static str {
-    if kernel_has_tls() { "kernel" } else { "unavailable" }
 }
 
 struct Pair {
@@ -224,7 +219,7 @@ async fn bytes_read_to_detect_the_protocol_are_delivered_before_the_kernels() {
 
 /// HTTP between the sidecars: each mesh connection the inbound sidecar serves as HTTP goes to the
 /// kernel after its handshake where it offers TLS (else to keycard's record layer), each pooled
-/// connection of the outbound sidecar to the kernel once the server's tickets are in, and hyper
+/// connection of the outbound sidecar too once the server's tickets are in, and hyper
 /// runs both ends through them: HTTP/1.1 and HTTP/2 requests, 8 MiB bodies both ways,
 /// keep-alive across requests, and the pooled connections' close_notify when the client sidecar
 /// stops.
@@ -252,6 +247,6 @@ async fn http_between_sidecars_is_served_on_kernel_tls_where_it_is_offered() {
     let c = mesh.client.metrics();
     let opened = metric_sum(&c, "keycard_upstream_connections_opened_total", &[]);
     assert!(opened >= 2.0, "{c}");
-    assert_eq!(offloads(&mesh.client, "outbound", expected_for_pooled()), opened, "{c}");
+    assert_eq!(offloads(&mesh.client, "outbound", expected), opened, "{c}");
     mesh.shutdown().await;
 }

@@ -353,7 +353,7 @@ pub async fn dial(
 ) -> Result<(ClientStream, Option<SpiffeId>), DialError> {
     let config = mesh_config(shared, route, cache)?;
     let tcp = connect(shared, route, remote).await?;
-    let io = if shared.may_offload() { ReadAhead::record_exact(tcp) } else { ReadAhead::new(tcp) };
+    let io = if shared.may_take_records() { ReadAhead::record_exact(tcp) } else { ReadAhead::new(tcp) };
     let (tls, peer) = handshake(shared, remote, route, config, io).await?;
     Ok((ClientStream::new(tls, shared, remote), peer))
 }

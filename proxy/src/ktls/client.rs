@@ -1,5 +1,6 @@
 //! A mesh connection this sidecar opened for HTTP (a pooled connection, an upgrade's), which
-//! moves from rustls to the kernel's TLS by itself once it may, under hyper's reads and writes.
+//! moves from rustls to the kernel's TLS (else to keycard's own record layer, [`crate::records`])
+//! by itself once it may, under hyper's reads and writes.
 //!
 //! A client must not hand over at once after its handshake: the server's session tickets come a
 //! round trip later, and a ticket that reaches the kernel is lost to rustls' session cache (the
@@ -8,8 +9,9 @@
 //! so this stream waits inside them instead: through rustls, read record by record, until the
 //! tickets are in or the server's first data came (tickets precede it), then at the next read or
 //! write that finds rustls with nothing to send and the reader between records, the kernel takes
-//! the connection (plaintext rustls already decrypted is delivered first). A connection the
-//! kernel will not take goes back to reading ahead with rustls for good.
+//! the connection (plaintext rustls already decrypted is delivered first), or the record layer
+//! where the kernel will not. A connection neither takes goes back to reading ahead with rustls
+//! for good.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,20 +23,25 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
+use super::offer::Moved;
 #[cfg(test)]
 use super::{Declined, KernelTls};
 use super::{KernelStream, Offloaded};
 use crate::buffers::ReadAhead;
+use crate::records::RecordStream;
 use crate::sidecar::{Direction, Shared};
 
 type Tls = TlsStream<ReadAhead<TcpStream>>;
 type Rustls = Box<Tls>;
 
-/// Offers the connection to the kernel, or (`true`: the server ended its direction through
-/// rustls, so the kernel would not see the end) only tells why it stays: the kernel's, rustls'
-/// back (`Err(Some)`), or gone (`Err(None)`: the hand-over failed half-way).
-type Offer = Box<dyn FnOnce(Rustls, bool) -> Result<Offloaded, Option<Rustls>> + Send + Sync>;
+/// Offers the connection to the kernel or the record layer, or (`true`: the server ended its
+/// direction through rustls, so neither would see the end) only tells why it stays: the
+/// kernel's or the record layer's, rustls' back (`Err(Some)`), or gone (`Err(None)`: a hand-over
+/// failed half-way).
+type Offer =
+    Box<dyn FnOnce(Rustls, bool) -> Result<Either<Offloaded, RecordStream>, Option<Rustls>> + Send + Sync>;
 
 pub struct ClientStream {
     state: State,
@@ -43,15 +50,11 @@ pub struct ClientStream {
 enum State {
     /// With rustls, waiting to move: the offer to make, the tickets rustls had at the handshake,
     /// and whether the server's data came.
-    Waiting {
-        tls: Rustls,
-        offer: Offer,
-        tickets: u32,
-        data: bool,
-    },
+    Waiting { tls: Rustls, offer: Offer, tickets: u32, data: bool },
     /// With rustls for good.
     Rustls(Rustls),
-    Kernel(KernelStream),
+    /// With the kernel's TLS or keycard's record layer.
+    Moved(Either<KernelStream, RecordStream>),
     /// The hand-over failed after rustls gave up its keys.
     Lost,
 }
@@ -61,7 +64,7 @@ impl ClientStream {
     /// (the handshake then was read record by record), stays with rustls where it may not.
     pub fn new(tls: TlsStream<ReadAhead<TcpStream>>, shared: &Arc<Shared>, remote: SocketAddr) -> Self {
         let tls = Box::new(tls);
-        if !shared.may_offload() {
+        if !shared.may_take_records() {
             shared.count_no_offload(Direction::Outbound);
             return Self { state: State::Rustls(tls) };
         }
@@ -73,8 +76,12 @@ impl ClientStream {
                     shared.count_offload(Direction::Outbound, "not_established");
                     return Err(Some(tls));
                 }
-                let offered = shared.offload(Direction::Outbound, remote, *tls, Bytes::new());
-                offered.map_err(|kept| kept.map(|(tls, _)| Box::new(tls)))
+                match shared.take_records(Direction::Outbound, remote, *tls, Bytes::new()) {
+                    Some(Moved::Kernel(kernel)) => Ok(Either::Left(kernel)),
+                    Some(Moved::User(records)) => Ok(Either::Right(records)),
+                    Some(Moved::Rustls(tls, _)) => Err(Some(Box::new(tls))),
+                    None => Err(None),
+                }
             }),
         )
     }
@@ -86,10 +93,14 @@ impl ClientStream {
             Box::new(tls),
             Box::new(move |tls, server_closed| match server_closed {
                 true => Err(Some(tls)),
-                false => kernel.hand_over(*tls, Bytes::new()).map_err(|declined| match declined {
-                    Declined::Kept(tls, ..) => Some(Box::new(tls)),
-                    Declined::Lost(_) => None,
-                }),
+                false => {
+                    kernel.hand_over(*tls, Bytes::new()).map(Either::Left).map_err(
+                        |declined| match declined {
+                            Declined::Kept(tls, ..) => Some(Box::new(tls)),
+                            Declined::Lost(_) => None,
+                        },
+                    )
+                }
             }),
         )
     }
@@ -101,7 +112,7 @@ impl ClientStream {
 
     /// Whether the kernel has the connection.
     pub fn is_kernel(&self) -> bool {
-        matches!(self.state, State::Kernel(_))
+        matches!(self.state, State::Moved(Either::Left(_)))
     }
 
     /// Moves the connection where it is time to, and it can be done now.
@@ -122,7 +133,8 @@ impl ClientStream {
             return;
         };
         self.state = match offer(tls, server_closed) {
-            Ok(kernel) => State::Kernel(KernelStream::new(kernel)),
+            Ok(Either::Left(kernel)) => State::Moved(Either::Left(KernelStream::new(kernel))),
+            Ok(Either::Right(records)) => State::Moved(Either::Right(records)),
             Err(Some(mut tls)) => {
                 tls.get_mut().0.read_ahead_again();
                 State::Rustls(tls)
@@ -133,7 +145,7 @@ impl ClientStream {
 }
 
 fn lost() -> io::Error {
-    io::Error::other("the connection's hand-over to kernel TLS failed")
+    io::Error::other("the connection's hand-over to kernel TLS or the record layer failed")
 }
 
 impl AsyncRead for ClientStream {
@@ -153,7 +165,7 @@ impl AsyncRead for ClientStream {
                 read
             }
             State::Rustls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
-            State::Kernel(k) => Pin::new(k).poll_read(cx, buf),
+            State::Moved(k) => Pin::new(k).poll_read(cx, buf),
             State::Lost => Poll::Ready(Err(lost())),
         }
     }
@@ -165,7 +177,7 @@ impl AsyncWrite for ClientStream {
         this.settle();
         match &mut this.state {
             State::Waiting { tls, .. } | State::Rustls(tls) => Pin::new(&mut **tls).poll_write(cx, data),
-            State::Kernel(k) => Pin::new(k).poll_write(cx, data),
+            State::Moved(k) => Pin::new(k).poll_write(cx, data),
             State::Lost => Poll::Ready(Err(lost())),
         }
     }
@@ -181,7 +193,7 @@ impl AsyncWrite for ClientStream {
             State::Waiting { tls, .. } | State::Rustls(tls) => {
                 Pin::new(&mut **tls).poll_write_vectored(cx, bufs)
             }
-            State::Kernel(k) => Pin::new(k).poll_write_vectored(cx, bufs),
+            State::Moved(k) => Pin::new(k).poll_write_vectored(cx, bufs),
             State::Lost => Poll::Ready(Err(lost())),
         }
     }
@@ -189,7 +201,7 @@ impl AsyncWrite for ClientStream {
     fn is_write_vectored(&self) -> bool {
         match &self.state {
             State::Waiting { tls, .. } | State::Rustls(tls) => tls.is_write_vectored(),
-            State::Kernel(k) => k.is_write_vectored(),
+            State::Moved(k) => k.is_write_vectored(),
             State::Lost => false,
         }
     }
@@ -198,7 +210,7 @@ impl AsyncWrite for ClientStream {
         let this = self.get_mut();
         match &mut this.state {
             State::Waiting { tls, .. } | State::Rustls(tls) => Pin::new(&mut **tls).poll_flush(cx),
-            State::Kernel(k) => Pin::new(k).poll_flush(cx),
+            State::Moved(k) => Pin::new(k).poll_flush(cx),
             State::Lost => Poll::Ready(Err(lost())),
         }
     }
@@ -207,7 +219,7 @@ impl AsyncWrite for ClientStream {
         let this = self.get_mut();
         match &mut this.state {
             State::Waiting { tls, .. } | State::Rustls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
-            State::Kernel(k) => Pin::new(k).poll_shutdown(cx),
+            State::Moved(k) => Pin::new(k).poll_shutdown(cx),
             State::Lost => Poll::Ready(Ok(())),
         }
     }

@@ -47,12 +47,6 @@ pub(crate) fn probe_at_start(
 
 impl Shared {
     /// Whether a mesh connection's handshake should be read record by record, so that the
-    /// kernel can take it after.
-    pub fn may_offload(&self) -> bool {
-        self.kernel_tls.is_ok()
-    }
-
-    /// Whether a mesh connection's handshake should be read record by record, so that the
     /// kernel or keycard's own record layer can take it after.
     pub fn may_take_records(&self) -> bool {
         self.kernel_tls.is_ok() || self.user_records
@@ -108,35 +102,6 @@ impl Shared {
         self.count_offload(direction, "lost");
         self.handshake_failed(direction, peer, reason, detail);
         None
-    }
-
-    /// Offers a handshaken mesh connection to kernel TLS and counts the outcome. `Err(None)`:
-    /// the hand-over failed half-way and the connection is gone (logged as a refusal).
-    pub fn offload<S: Handshaken>(
-        &self,
-        direction: Direction,
-        peer: SocketAddr,
-        stream: S,
-        sniffed: Bytes,
-    ) -> Result<Offloaded, Option<(S, Bytes)>> {
-        let kernel = match &self.kernel_tls {
-            Ok(k) => k,
-            Err(refused) => {
-                self.count_offload(direction, refused.as_str());
-                return Err(Some((stream, sniffed)));
-            }
-        };
-        match kernel.hand_over(stream, sniffed) {
-            Ok(offloaded) => {
-                self.count_offload(direction, "kernel");
-                Ok(offloaded)
-            }
-            Err(Declined::Kept(stream, sniffed, refused)) => {
-                self.count_offload(direction, refused.as_str());
-                Err(Some((stream, sniffed)))
-            }
-            Err(Declined::Lost(detail)) => Err(self.lost(direction, peer, "kernel_tls_setup", &detail)),
-        }
     }
 
     /// Counts a mesh connection's `keycard_tls_offload_total{direction, result}`: one label
