@@ -117,6 +117,8 @@ fn config_dump(view: &View) -> serde_json::Value {
             Ok(k) => json!({"used": true, "suites": k.describe()}),
             Err(why) => json!({"used": false, "why": why.as_str()}),
         },
+        // Mesh connections the kernel does not take go to keycard's record layer (`records`).
+        "user_records": view.shared.user_records,
     })
 }
 

@@ -147,15 +147,7 @@ impl KernelTls {
                 if e == nix::errno::Errno::ENOTCONN { Refused::NotEstablished } else { Refused::Setup };
             return Err(Declined::Kept(stream, sniffed, refused));
         }
-        let (io, mut conn) = stream.into_parts();
-        let tcp = io.into_inner();
-        // Plaintext rustls decrypted from the records it read (none when the handshake was read
-        // record by record, but kept whatever the reason).
-        let mut early = sniffed.to_vec();
-        let mut chunk = [0u8; 4096];
-        while let Ok(n @ 1..) = io::Read::read(&mut conn.reader(), &mut chunk) {
-            early.extend_from_slice(&chunk[..n]);
-        }
+        let (tcp, conn, early) = take_apart(stream, sniffed);
         let secrets = conn.dangerous_extract_secrets().map_err(|e| Declined::Lost(e.to_string()))?;
         let (Some(tx), Some(rx)) = (Secrets::of(&secrets.tx), Secrets::of(&secrets.rx)) else {
             return Err(Declined::Lost("the negotiated suite's secrets have another shape".into()));
@@ -165,6 +157,19 @@ impl KernelTls {
             .map_err(|e| Declined::Lost(io::Error::from(e).to_string()))?;
         Ok(Offloaded { tcp, early })
     }
+}
+
+/// A handshaken stream taken apart for a hand-over: its socket, its connection, and the plaintext
+/// to deliver first: `sniffed`, then what rustls decrypted from the records it read (none when
+/// the handshake was read record by record, but kept whatever the reason).
+pub(crate) fn take_apart<S: Handshaken>(stream: S, sniffed: Bytes) -> (TcpStream, rustls::Connection, Vec<u8>) {
+    let (io, mut conn) = stream.into_parts();
+    let mut early = sniffed.to_vec();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n @ 1..) = io::Read::read(&mut conn.reader(), &mut chunk) {
+        early.extend_from_slice(&chunk[..n]);
+    }
+    (io.into_inner(), conn, early)
 }
 
 /// A TLS stream whose handshake rustls has done over a [`ReadAhead`], as the kernel needs it.

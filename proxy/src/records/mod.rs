@@ -75,15 +75,7 @@ pub fn take<S: Handshaken>(stream: S, sniffed: Bytes) -> Result<RecordStream, De
     if common.wants_write() || !stream.io().at_record_boundary() {
         return Err(Declined::Kept(stream, sniffed, Refused::Buffered));
     }
-    let (io, mut conn) = stream.into_parts();
-    let tcp = io.into_inner();
-    // Plaintext rustls decrypted from the records it read (none when the handshake was read
-    // record by record, but kept whatever the reason).
-    let mut early = sniffed.to_vec();
-    let mut chunk = [0u8; 4096];
-    while let Ok(n @ 1..) = io::Read::read(&mut conn.reader(), &mut chunk) {
-        early.extend_from_slice(&chunk[..n]);
-    }
+    let (tcp, conn, early) = crate::ktls::take_apart(stream, sniffed);
     let secrets = conn.dangerous_extract_secrets().map_err(|e| Declined::Lost(e.to_string()))?;
     let ((tx_seq, tx), (rx_seq, rx)) = (secrets.tx, secrets.rx);
     let (Some((tx_key, tx_iv)), Some((rx_key, rx_iv))) = (sealing_key(&tx), key_and_iv(rx)) else {
