@@ -322,6 +322,16 @@ impl Opening {
     }
 }
 
+/// A connection that ends with its buffer lent (its last records read, the peer's `close_notify`
+/// among them) gives it back, so the next connection does not allocate and zero 64 KiB.
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            crate::buffers::give_back(buf);
+        }
+    }
+}
+
 impl AsyncRead for RecordStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
