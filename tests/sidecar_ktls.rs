@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::l7::*;
 use common::mesh::*;
-use keycard_config::sidecar::{KernelOffload, Protocol, UserRecords};
+use keycard_config::sidecar::{HttpSettings, KernelOffload, Protocol, TlsSettings, UserRecords};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -248,5 +248,33 @@ async fn http_between_sidecars_is_served_on_kernel_tls_where_it_is_offered() {
     let opened = metric_sum(&c, "keycard_upstream_connections_opened_total", &[]);
     assert!(opened >= 2.0, "{c}");
     assert_eq!(offloads(&mesh.client, "outbound", expected), opened, "{c}");
+    mesh.shutdown().await;
+}
+
+/// With `tls.kernel_offload: off` and `tls.user_records: off`, HTTP between the sidecars stays
+/// with rustls at both ends (every pooled and served connection counted `off`) and carries the
+/// same requests and bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_between_sidecars_stays_with_rustls_with_both_off() {
+    let pki = Pki::new();
+    let tls = TlsSettings { kernel_offload: KernelOffload::Off, user_records: UserRecords::Off };
+    let protos = (Protocol::Http, Protocol::Http);
+    let mesh =
+        L7Mesh::custom_tls(&pki, STRICT, protos, inspect_app().await, HttpSettings::default(), tls).await;
+    for client in [h1_client(), h2c_client()] {
+        for i in 0..10 {
+            let a = call(&client, mesh.outbound(), "GET", &format!("/items/{i}"), &[]).await;
+            assert_eq!(a.status, 200, "{}", a.body);
+        }
+        echoes_8_mib(&client, mesh.outbound()).await;
+    }
+    let m = mesh.server.metrics();
+    let served = metric_sum(&m, "keycard_http_connections_total", &["direction=\"inbound\""]);
+    assert!(served >= 2.0, "{m}");
+    assert_eq!(offloads(&mesh.server, "inbound", "off"), served, "{m}");
+    let c = mesh.client.metrics();
+    let opened = metric_sum(&c, "keycard_upstream_connections_opened_total", &[]);
+    assert_eq!(offloads(&mesh.client, "outbound", "off"), opened, "{c}");
+    assert_eq!(metric_sum(&c, "keycard_tls_offload_total", &["result=\"user\""]), 0.0, "{c}");
     mesh.shutdown().await;
 }

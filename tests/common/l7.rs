@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keycard_config::sidecar::{HttpSettings, Protocol};
+use keycard_config::sidecar::{HttpSettings, Protocol, TlsSettings};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -168,6 +168,19 @@ impl L7Mesh {
         app: SocketAddr,
         http: HttpSettings,
     ) -> Self {
+        let protos = (server_proto, client_proto);
+        Self::custom_tls(pki, policy, protos, app, http, TlsSettings::default()).await
+    }
+
+    /// Both sidecars with `http` and `tls` settings; the protocols are the server's, then the client's.
+    pub async fn custom_tls(
+        pki: &Pki,
+        policy: &str,
+        (server_proto, client_proto): (Protocol, Protocol),
+        app: SocketAddr,
+        http: HttpSettings,
+        tls: TlsSettings,
+    ) -> Self {
         let dir = policy_dir(policy);
         let mut cfg = config(SidecarSpec {
             ns: "default",
@@ -179,12 +192,12 @@ impl L7Mesh {
             policy: Some(dir.path().to_owned()),
         });
         cfg.inbound[0].protocol = Some(server_proto);
-        cfg.http = http.clone();
+        (cfg.http, cfg.tls) = (http.clone(), tls.clone());
         let server = start(cfg).await;
         let expected = vec![Pki::id("default", "bookinfo-details")];
         let mut cfg = config(productpage(pki, server.inbound(9080), expected, None));
         cfg.outbound[0].protocol = Some(client_proto);
-        cfg.http = http;
+        (cfg.http, cfg.tls) = (http, tls);
         let client = start(cfg).await;
         Self { server, client, app, _policy: dir }
     }

@@ -162,7 +162,10 @@ impl KernelTls {
 /// A handshaken stream taken apart for a hand-over: its socket, its connection, and the plaintext
 /// to deliver first: `sniffed`, then what rustls decrypted from the records it read (none when
 /// the handshake was read record by record, but kept whatever the reason).
-pub(crate) fn take_apart<S: Handshaken>(stream: S, sniffed: Bytes) -> (TcpStream, rustls::Connection, Vec<u8>) {
+pub(crate) fn take_apart<S: Handshaken>(
+    stream: S,
+    sniffed: Bytes,
+) -> (TcpStream, rustls::Connection, Vec<u8>) {
     let (io, mut conn) = stream.into_parts();
     let mut early = sniffed.to_vec();
     let mut chunk = [0u8; 4096];
