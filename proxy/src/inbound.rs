@@ -216,7 +216,7 @@ async fn set_up(
             let stream = match take_records(shared, peer, stream) {
                 Some(Moved::Rustls(rustls, _)) => Either::Left(rustls),
                 Some(Moved::Kernel(kernel)) => Either::Right(Either::Left(KernelStream::new(kernel))),
-                Some(Moved::User(records)) => Either::Right(Either::Right(records)),
+                Some(Moved::User(records)) => Either::Right(Either::Right(Box::new(records))),
                 None => return Ready::Done,
             };
             let peer = Peer { addr: peer, local, identity: principal, xfcc, sni };
@@ -266,7 +266,7 @@ enum Downstream {
 /// keycard's own record layer.
 enum HttpConn {
     Plain(TcpStream),
-    Mesh(Either<MeshStream, Either<KernelStream, RecordStream>>),
+    Mesh(Either<MeshStream, Either<KernelStream, Box<RecordStream>>>),
 }
 
 /// Moves a handshaken mesh stream's records to the kernel or keycard's record layer, or leaves

@@ -54,7 +54,7 @@ enum State {
     /// With rustls for good.
     Rustls(Rustls),
     /// With the kernel's TLS or keycard's record layer.
-    Moved(Either<KernelStream, RecordStream>),
+    Moved(Either<KernelStream, Box<RecordStream>>),
     /// The hand-over failed after rustls gave up its keys.
     Lost,
 }
@@ -134,7 +134,7 @@ impl ClientStream {
         };
         self.state = match offer(tls, server_closed) {
             Ok(Either::Left(kernel)) => State::Moved(Either::Left(KernelStream::new(kernel))),
-            Ok(Either::Right(records)) => State::Moved(Either::Right(records)),
+            Ok(Either::Right(records)) => State::Moved(Either::Right(Box::new(records))),
             Err(Some(mut tls)) => {
                 tls.get_mut().0.read_ahead_again();
                 State::Rustls(tls)

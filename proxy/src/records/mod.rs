@@ -301,9 +301,13 @@ impl Opening {
         }
         self.plain = self.start..self.start;
         loop {
-            if let Poll::Pending = tcp.poll_read_ready(cx) {
-                self.release_if_empty();
-                return Poll::Pending;
+            match tcp.poll_read_ready(cx) {
+                Poll::Pending => {
+                    self.release_if_empty();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
             }
             let Some(buf) = self.buf.as_deref_mut() else { return Poll::Ready(Ok(())) };
             return Poll::Ready(match tcp.try_read(&mut buf[self.end..]) {
