@@ -152,6 +152,28 @@ pub(crate) fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
 }
 
+/// 3 MiB and a bit from `user` through a sidecar-shaped pair to [`reversing_app`], then the
+/// half-close; checks that the app got every byte and that they came back reversed. Returns the
+/// bytes sent; `what` names the case in failures.
+pub(crate) async fn through_the_pair(
+    user: &mut TcpStream,
+    app: tokio::task::JoinHandle<Vec<u8>>,
+    what: &str,
+) -> u64 {
+    let sent = pattern(3 * 1024 * 1024 + 333, 5);
+    user.write_all(&sent).await.expect("write");
+    user.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), user.read_to_end(&mut back))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let got = app.await.expect("app");
+    assert!(got == sent, "{what}: the app got {} bytes, not the {} sent", got.len(), sent.len());
+    assert!(back.iter().rev().eq(sent.iter()), "{what}: the answer came back changed ({} bytes)", back.len());
+    sent.len() as u64
+}
+
 /// An app that reads everything to EOF, then answers with what it read reversed and closes.
 pub(crate) async fn reversing_app() -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -197,21 +219,11 @@ async fn a_pair_on_kernel_tls_carries_every_byte_and_the_half_close_each_way() {
         let outbound =
             tokio::spawn(splice_pipe(Leg::plain(user_side), Leg::kernel_tls(client), idle, cancel));
 
-        let sent = pattern(3 * 1024 * 1024 + 333, 5);
-        user.write_all(&sent).await.expect("write");
-        user.shutdown().await.expect("half-close");
-        let mut back = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), user.read_to_end(&mut back))
-            .await
-            .expect("answer in time")
-            .expect("read");
-        let got = app.await.expect("app");
-        assert!(got == sent, "{suite:?}: the app got {} bytes, not the {} sent", got.len(), sent.len());
-        assert!(back.iter().rev().eq(sent.iter()), "{suite:?}: the answer came back changed");
+        let len = through_the_pair(&mut user, app, &format!("{suite:?}")).await;
         let (inb, outb) = (inbound.await.expect("inbound"), outbound.await.expect("outbound"));
         assert_eq!((inb.end, outb.end), (End::Done, End::Done), "{suite:?}: both ended by close_notify");
-        assert_eq!((inb.forward, inb.backward), (sent.len() as u64, sent.len() as u64));
-        assert_eq!((outb.forward, outb.backward), (sent.len() as u64, sent.len() as u64));
+        assert_eq!((inb.forward, inb.backward), (len, len));
+        assert_eq!((outb.forward, outb.backward), (len, len));
     }
 }
 
