@@ -152,14 +152,16 @@ pub(crate) fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
 }
 
-/// 3 MiB and a bit from `user` through a sidecar-shaped pair to [`reversing_app`], then the
-/// half-close; checks that the app got every byte and that they came back reversed. Returns the
-/// bytes sent; `what` names the case in failures.
+/// 3 MiB and a bit from `user` through a sidecar-shaped pair (its two forwardings, inbound then
+/// outbound) to [`reversing_app`], then the half-close; checks that the app got every byte, that
+/// they came back reversed, and that both forwardings carried them and ended by close_notify.
+/// `what` names the case in failures.
 pub(crate) async fn through_the_pair(
     user: &mut TcpStream,
     app: tokio::task::JoinHandle<Vec<u8>>,
+    pair: [tokio::task::JoinHandle<crate::forward::Totals>; 2],
     what: &str,
-) -> u64 {
+) {
     let sent = pattern(3 * 1024 * 1024 + 333, 5);
     user.write_all(&sent).await.expect("write");
     user.shutdown().await.expect("half-close");
@@ -171,7 +173,12 @@ pub(crate) async fn through_the_pair(
     let got = app.await.expect("app");
     assert!(got == sent, "{what}: the app got {} bytes, not the {} sent", got.len(), sent.len());
     assert!(back.iter().rev().eq(sent.iter()), "{what}: the answer came back changed ({} bytes)", back.len());
-    sent.len() as u64
+    let len = sent.len() as u64;
+    for (side, forwarding) in ["inbound", "outbound"].into_iter().zip(pair) {
+        let t = forwarding.await.expect(side);
+        assert_eq!(t.end, End::Done, "{what}: {side} ended by close_notify");
+        assert_eq!((t.forward, t.backward), (len, len), "{what}: {side}");
+    }
 }
 
 /// An app that reads everything to EOF, then answers with what it read reversed and closes.
@@ -219,11 +226,7 @@ async fn a_pair_on_kernel_tls_carries_every_byte_and_the_half_close_each_way() {
         let outbound =
             tokio::spawn(splice_pipe(Leg::plain(user_side), Leg::kernel_tls(client), idle, cancel));
 
-        let len = through_the_pair(&mut user, app, &format!("{suite:?}")).await;
-        let (inb, outb) = (inbound.await.expect("inbound"), outbound.await.expect("outbound"));
-        assert_eq!((inb.end, outb.end), (End::Done, End::Done), "{suite:?}: both ended by close_notify");
-        assert_eq!((inb.forward, inb.backward), (len, len));
-        assert_eq!((outb.forward, outb.backward), (len, len));
+        through_the_pair(&mut user, app, [inbound, outbound], &format!("{suite:?}")).await;
     }
 }
 
