@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# keycard-l4 with rustls and with kernel TLS, in one virtual machine that has the kernel's `tls`
+# keycard-l4 and keycard-l7 without and with kernel TLS, in one virtual machine that has the kernel's `tls`
 # module (Debian's cloud kernel under QEMU, as tests/vm/ktls.sh boots it): the harness runs once
-# before the module is loaded (the probe fails, rustls keeps every connection) and once after
-# (every mesh connection goes to the kernel), same binary, same VM. Software emulation makes
+# before the module is loaded (the probe fails: keycard's record layer takes every mesh connection;
+# rustls did before it existed) and once after (every mesh connection goes to the kernel), same
+# binary, same VM. Software emulation makes
 # every timing meaningless, so only memory is read from it: resident memory per idle connection
 # and peak RSS. The machines that build keycard run kernels without the module, hence the VM.
 #
@@ -30,14 +31,14 @@ run="/t/keycard-bench run --keycard /t/keycard --systems keycard-l4,keycard-l7 -
 cat > "$root/init" <<EOF
 $VM_INIT_HEAD
 ulimit -n 65536
-echo "ktls-vm: rustls (no tls module yet)"
-$run --out /tmp/rustls >/tmp/rustls.log 2>&1
-echo "ktls-vm: rustls run exit \$?"
+echo "ktls-vm: keycard's record layer (no tls module yet)"
+$run --out /tmp/records >/tmp/records.log 2>&1
+echo "ktls-vm: record layer run exit \$?"
 vm_insmod
 echo "ktls-vm: kernel TLS, ulps: \$(cat /proc/sys/net/ipv4/tcp_available_ulp)"
 $run --out /tmp/kernel >/tmp/kernel.log 2>&1
 echo "ktls-vm: kernel run exit \$?"
-for r in rustls kernel; do
+for r in records kernel; do
   echo "ktls-vm: ==== \$r"
   grep -E '^\| (system|keycard-l4|keycard-l7) ' /tmp/\$r/RESULTS.md | sed 's/^/ktls-vm: /'
   grep -i error /tmp/\$r.log | head -5 | sed 's/^/ktls-vm: /'
