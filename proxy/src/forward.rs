@@ -321,7 +321,7 @@ impl Leg {
 }
 
 /// A set-up connection's two legs, downstream first: spliced where both are plain TCP or kernel
-/// TLS, else copied through user space (rustls).
+/// TLS, else copied through user space (keycard's record layer, or rustls).
 pub enum Legs<D, U> {
     Spliced(Leg, Leg),
     Copied(D, U),

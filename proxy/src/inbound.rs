@@ -256,7 +256,8 @@ async fn plaintext_is_http(shared: &Shared, port: &InboundPort, tcp: &TcpStream)
 type MeshStream = Box<Rewind<tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>>>;
 
 /// The downstream leg: plaintext TCP (spliced to the app), or a terminated TLS stream (handed to
-/// kernel TLS and spliced where the kernel takes it, else copied through rustls).
+/// kernel TLS and spliced where the kernel takes it, else copied through keycard's record layer
+/// or rustls).
 enum Downstream {
     Plain(TcpStream),
     Tls(MeshStream),

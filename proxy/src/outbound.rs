@@ -314,7 +314,8 @@ async fn handshake(
 }
 
 /// A mesh connection whose handshake was read record by record: through rustls until the
-/// server's session tickets are in (`ktls::await_tickets`), then to kernel TLS where it takes it.
+/// server's session tickets are in (`ktls::await_tickets`), then to kernel TLS where it takes it,
+/// else to keycard's record layer (`crate::records`).
 /// Also the bytes moved meanwhile; `None` where the wait failed.
 async fn offload(
     shared: &Shared,
@@ -343,8 +344,8 @@ async fn offload(
 
 /// Connects to a remote sidecar and completes mutual TLS with the mesh config from `cache`
 /// (whose ALPN tells the remote what the stream carries).
-/// The stream moves to kernel TLS by itself once the server's tickets are in, where the kernel
-/// takes it (`ktls::ClientStream`).
+/// The stream moves to kernel TLS (else to keycard's record layer) by itself once the server's
+/// tickets are in (`ktls::ClientStream`).
 pub async fn dial(
     shared: &Arc<Shared>,
     remote: SocketAddr,
@@ -420,8 +421,9 @@ async fn set_up(
         }
     };
     let mtls = route.external.is_none();
-    // A mesh connection's handshake is read record by record, so that the kernel can take it
-    // after (crate::ktls); one to a DestinationRule's external server stays with rustls.
+    // A mesh connection's handshake is read record by record, so that the kernel or keycard's
+    // record layer can take it after (crate::ktls, crate::records); one to a DestinationRule's
+    // external server stays with rustls.
     let io = if mtls && shared.may_take_records() {
         ReadAhead::record_exact(remote)
     } else {
