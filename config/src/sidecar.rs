@@ -53,14 +53,14 @@ pub struct TlsSettings {
     /// Kernel TLS for mesh connections once their handshake is done: `auto` (the default) hands
     /// record encryption to the kernel where it offers the `tls` module and the negotiated cipher
     /// (probed at start), so an L4 connection's legs are spliced without entering user space and
-    /// an HTTP one is read and written as plaintext; elsewhere, and with `off`, rustls keeps the
-    /// connection.
+    /// an HTTP one is read and written as plaintext; elsewhere, and with `off`, the connection
+    /// goes to keycard's record layer (`user_records`), else stays with rustls.
     pub kernel_offload: KernelOffload,
     /// keycard's own record layer for mesh connections the kernel does not take: `on` (the
-    /// default) takes the traffic keys out of rustls after the handshake, as for the kernel, and
-    /// seals and opens the records itself with rustls' cipher code, in place in one buffer that an
-    /// idle connection does not hold (L4 connections and the HTTP ones this sidecar serves); `off`
-    /// leaves such connections with rustls' buffered connection.
+    /// default) takes the traffic keys out of rustls after the handshake, as for the kernel, then
+    /// opens records in place (rustls' decrypter) in one buffer that an idle connection does not
+    /// hold and seals them with aws-lc-rs (L4 connections, the HTTP ones this sidecar serves and
+    /// its pooled HTTP ones); `off` leaves such connections with rustls' buffered connection.
     pub user_records: UserRecords,
 }
 

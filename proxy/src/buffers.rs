@@ -52,6 +52,19 @@ pub fn take(large: bool) -> Box<[u8]> {
     spare.unwrap_or_else(|| vec![0u8; if large { LARGE } else { SMALL }].into_boxed_slice())
 }
 
+/// Moves bytes of `held` from `at` into `out`; lets `held` go once every byte is out (plaintext a
+/// stream delivers before its socket's: what rustls decrypted before a hand-over, the rest of a
+/// record read for a small reader).
+pub fn hand_out_held(held: &mut Vec<u8>, at: &mut usize, out: &mut ReadBuf<'_>) {
+    let n = out.remaining().min(held.len() - *at);
+    out.put_slice(&held[*at..*at + n]);
+    *at += n;
+    if *at == held.len() {
+        *held = Vec::new();
+        *at = 0;
+    }
+}
+
 pub fn give_back(buf: Box<[u8]>) {
     SPARES.with(|s| {
         let mut s = s.borrow_mut();

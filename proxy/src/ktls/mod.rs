@@ -6,7 +6,8 @@
 //!
 //! - [`probe`] runs once at start on a loopback connection: is the `tls` module there, and which
 //!   TLS 1.3 cipher suites does it take? Where it is not (this build machine's kernel, most
-//!   containers without the module loaded on the host), every connection stays with rustls.
+//!   containers without the module loaded on the host), no connection goes to the kernel (keycard's
+//!   own record layer takes them, [`crate::records`], unless `tls.user_records: off`).
 //! - [`KernelTls::hand_over`] moves one connection whose handshake is done. The handshake must
 //!   have been read record by record ([`crate::buffers::ReadAhead::record_exact`]) so that no
 //!   ciphertext past it has left the socket; plaintext rustls already decrypted, and bytes a
@@ -52,6 +53,9 @@ pub use stream::KernelStream;
 /// Records one direction may send under one key before the connection is closed: below
 /// TLS 1.3's AES-GCM limit of 2^24.5 (RFC 8446 §5.5), which rustls would meet with a KeyUpdate.
 pub const RECORD_LIMIT: u64 = 1 << 24;
+
+/// Why a read fails when TCP ends without the peer's `close_notify`, as rustls reports it.
+pub const TRUNCATED: &str = "the peer closed the connection without sending TLS close_notify";
 
 /// The TLS 1.3 cipher suites the kernel took at the probe.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -141,7 +145,7 @@ impl KernelTls {
         }
         // The ULP first: it changes nothing until keys are set, and the kernel takes only an
         // established connection, so one whose peer already sent FIN (a short exchange, its
-        // close_notify and FIN queued behind the handshake) stays with rustls, which reads them.
+        // close_notify and FIN queued behind the handshake) stays in user space, which reads them.
         if let Err(e) = setsockopt(stream.io().get_ref(), TcpUlp::default(), b"tls") {
             let refused =
                 if e == nix::errno::Errno::ENOTCONN { Refused::NotEstablished } else { Refused::Setup };

@@ -17,7 +17,9 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{ControlError, Offloaded, RECORD_LIMIT, Record, read_record, record, try_close_notify};
+use super::{
+    ControlError, Offloaded, RECORD_LIMIT, Record, TRUNCATED, read_record, record, try_close_notify,
+};
 
 /// A TLS 1.3 record's largest plaintext.
 const MAX_RECORD: usize = 16 * 1024;
@@ -53,13 +55,7 @@ impl KernelStream {
 
     /// Moves held bytes into `buf`.
     fn deliver(&mut self, buf: &mut ReadBuf<'_>) {
-        let n = buf.remaining().min(self.pending.len() - self.at);
-        buf.put_slice(&self.pending[self.at..self.at + n]);
-        self.at += n;
-        if self.at == self.pending.len() {
-            self.pending = Vec::new();
-            self.at = 0;
-        }
+        crate::buffers::hand_out_held(&mut self.pending, &mut self.at, buf);
     }
 
     /// One `recvmsg` into `into`: the plaintext bytes it holds, `None` for a record passed over,
@@ -73,10 +69,7 @@ impl KernelStream {
                 Err(e) => return Poll::Ready(Err(e)),
             };
             return Poll::Ready(match record(kind, &into[..n]) {
-                Ok(Record::Data) if n == 0 => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection without sending TLS close_notify",
-                )),
+                Ok(Record::Data) if n == 0 => Err(io::Error::new(io::ErrorKind::UnexpectedEof, TRUNCATED)),
                 Ok(Record::Data) => Ok(Some(n)),
                 Ok(Record::CloseNotify) => {
                     self.read_closed = true;

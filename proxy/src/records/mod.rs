@@ -36,12 +36,12 @@ use std::task::{Context, Poll, ready};
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use bytes::Bytes;
-use rustls::crypto::cipher::{InboundOpaqueMessage, MessageDecrypter, OutboundChunks};
+use rustls::crypto::cipher::{AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, OutboundChunks};
 use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion, SupportedCipherSuite};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::ktls::{Declined, Handshaken, RECORD_LIMIT, Refused};
+use crate::ktls::{Declined, Handshaken, RECORD_LIMIT, Refused, TRUNCATED};
 
 #[cfg(test)]
 mod tests;
@@ -78,7 +78,11 @@ pub fn take<S: Handshaken>(stream: S, sniffed: Bytes) -> Result<RecordStream, De
     let (tcp, conn, early) = crate::ktls::take_apart(stream, sniffed);
     let secrets = conn.dangerous_extract_secrets().map_err(|e| Declined::Lost(e.to_string()))?;
     let ((tx_seq, tx), (rx_seq, rx)) = (secrets.tx, secrets.rx);
-    let (Some((tx_key, tx_iv)), Some((rx_key, rx_iv))) = (sealing_key(&tx), key_and_iv(rx)) else {
+    let sealing = parts(tx).and_then(|(algorithm, key, iv)| {
+        let key = LessSafeKey::new(UnboundKey::new(algorithm, key.as_ref()).ok()?);
+        Some((key, <[u8; 12]>::try_from(iv.as_ref()).ok()?))
+    });
+    let (Some((tx_key, tx_iv)), Some((_, rx_key, rx_iv))) = (sealing, parts(rx)) else {
         return Err(Declined::Lost("the negotiated suite's secrets have another shape".into()));
     };
     Ok(RecordStream {
@@ -98,25 +102,12 @@ pub fn take<S: Handshaken>(stream: S, sniffed: Bytes) -> Result<RecordStream, De
     })
 }
 
-/// One direction's sealing key and IV.
-fn sealing_key(secrets: &ConnectionTrafficSecrets) -> Option<(LessSafeKey, [u8; 12])> {
-    let (algorithm, key, iv) = match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
-        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
-        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, key, iv),
-        _ => return None,
-    };
-    let key = LessSafeKey::new(UnboundKey::new(algorithm, key.as_ref()).ok()?);
-    Some((key, iv.as_ref().try_into().ok()?))
-}
-
-fn key_and_iv(
-    secrets: ConnectionTrafficSecrets,
-) -> Option<(rustls::crypto::cipher::AeadKey, rustls::crypto::cipher::Iv)> {
+/// One direction's AEAD, key and IV.
+fn parts(secrets: ConnectionTrafficSecrets) -> Option<(&'static aead::Algorithm, AeadKey, Iv)> {
     match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Some((key, iv)),
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => Some((&aead::AES_128_GCM, key, iv)),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => Some((&aead::AES_256_GCM, key, iv)),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Some((&aead::CHACHA20_POLY1305, key, iv)),
         _ => None,
     }
 }
@@ -210,13 +201,7 @@ impl Opening {
     /// Moves held plaintext into `out`; the buffer goes back once it holds nothing.
     fn deliver(&mut self, out: &mut ReadBuf<'_>) {
         if self.early_at < self.early.len() {
-            let n = out.remaining().min(self.early.len() - self.early_at);
-            out.put_slice(&self.early[self.early_at..self.early_at + n]);
-            self.early_at += n;
-            if self.early_at == self.early.len() {
-                self.early = Vec::new();
-                self.early_at = 0;
-            }
+            crate::buffers::hand_out_held(&mut self.early, &mut self.early_at, out);
             return;
         }
         let Some(buf) = self.buf.as_deref() else { return };
@@ -288,7 +273,8 @@ impl Opening {
     }
 
     /// Reads more of the socket into the buffer (lent now if none is held). `Pending` once the
-    /// socket has nothing, with the buffer given back if it holds nothing.
+    /// socket has nothing, with the buffer given back if it holds nothing; the end of TCP fails
+    /// this read and every later one.
     fn fill(&mut self, tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let need = self.next_len().unwrap_or(HEADER);
         let buf = self.buf.get_or_insert_with(|| crate::buffers::take(true));
@@ -299,7 +285,6 @@ impl Opening {
             buf.copy_within(self.start..self.end, 0);
             (self.end, self.start) = (self.end - self.start, 0);
         }
-        self.plain = self.start..self.start;
         loop {
             match tcp.poll_read_ready(cx) {
                 Poll::Pending => {
@@ -311,10 +296,10 @@ impl Opening {
             }
             let Some(buf) = self.buf.as_deref_mut() else { return Poll::Ready(Ok(())) };
             return Poll::Ready(match tcp.try_read(&mut buf[self.end..]) {
-                Ok(0) => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection without sending TLS close_notify",
-                )),
+                Ok(0) => {
+                    self.state = ReadState::Failed(io::ErrorKind::UnexpectedEof, TRUNCATED);
+                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, TRUNCATED))
+                }
                 Ok(n) => {
                     self.end += n;
                     Ok(())
@@ -361,15 +346,7 @@ impl AsyncRead for RecordStream {
                     continue;
                 }
             }
-            if let Err(e) = ready!(rx.fill(&this.tcp, cx)) {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    rx.state = ReadState::Failed(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection without sending TLS close_notify",
-                    );
-                }
-                return Poll::Ready(Err(e));
-            }
+            ready!(rx.fill(&this.tcp, cx))?;
         }
     }
 }
